@@ -1,0 +1,570 @@
+/* Implementation of include/levi/core.h: errors, checked allocation, tensor descriptors,
+ * arenas, the parameter table, RNG, threads, GEMM, files and hashing.
+ * Not for: kernels (ops.c), file formats (safetensors.c), anything model-specific. */
+#include "levi/core.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <openssl/evp.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- errors ------------------------------------------------------------------------- */
+
+levi_status levi_errorf(levi_error *err, levi_status st, const char *fmt, ...) {
+    if (err) {
+        err->status = st;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+levi_status levi_error_prefix(levi_error *err, const char *fmt, ...) {
+    if (!err) return LEVI_OK;
+    char prefix[LEVI_ERROR_MSG_MAX], old[LEVI_ERROR_MSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    memcpy(old, err->msg, sizeof old);
+    old[sizeof old - 1] = 0;
+    size_t np = strnlen(prefix, sizeof err->msg - 1);
+    memcpy(err->msg, prefix, np);
+    size_t room = sizeof err->msg - 1 - np, no = strnlen(old, room);
+    memcpy(err->msg + np, old, no);
+    err->msg[np + no] = 0;
+    return err->status;
+}
+
+const char *levi_status_name(levi_status st) {
+    switch (st) {
+    case LEVI_OK:
+        return "ok";
+    case LEVI_ERR_IO:
+        return "I/O error";
+    case LEVI_ERR_FORMAT:
+        return "format error";
+    case LEVI_ERR_SHAPE:
+        return "shape error";
+    case LEVI_ERR_NOMEM:
+        return "out of memory";
+    case LEVI_ERR_ARG:
+        return "bad argument";
+    case LEVI_ERR_NUMERIC:
+        return "numeric error";
+    case LEVI_ERR_INTERRUPTED:
+        return "interrupted";
+    case LEVI_ERR_NOT_FOUND:
+        return "not found";
+    }
+    return "unknown status";
+}
+
+void levi__assert_fail(const char *file, int line, const char *cond, const char *hint) {
+    fprintf(stderr, "levi: internal error at %s:%d: assertion `%s` failed: %s\n", file, line, cond,
+            hint ? hint : "");
+    fflush(stderr);
+    abort();
+}
+
+/* ---- sizes and allocation ------------------------------------------------------------ */
+
+int levi_mul_size(size_t a, size_t b, size_t *out) {
+    if (a != 0 && b > SIZE_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+
+int levi_add_size(size_t a, size_t b, size_t *out) {
+    if (b > SIZE_MAX - a) return 0;
+    *out = a + b;
+    return 1;
+}
+
+void *levi_xmalloc(size_t bytes) {
+    void *p = NULL;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded < bytes || posix_memalign(&p, 64, rounded ? rounded : 64) != 0) {
+        fprintf(stderr, "levi: out of memory allocating %zu bytes\n", bytes);
+        abort();
+    }
+    return p;
+}
+
+void *levi_xcalloc(size_t n, size_t size) {
+    size_t bytes;
+    LEVI_ASSERT(levi_mul_size(n, size, &bytes), "allocation size overflows");
+    void *p = levi_xmalloc(bytes);
+    memset(p, 0, bytes);
+    return p;
+}
+
+void levi_free(void *p) {
+    free(p);
+}
+
+/* ---- tensor descriptors -------------------------------------------------------------- */
+
+size_t levi_dtype_size(levi_dtype dt) {
+    switch (dt) {
+    case LEVI_F32:
+        return 4;
+    case LEVI_F16:
+        return 2;
+    case LEVI_BF16:
+        return 2;
+    case LEVI_I32:
+        return 4;
+    case LEVI_I64:
+        return 8;
+    case LEVI_U8:
+        return 1;
+    }
+    return 0;
+}
+
+const char *levi_dtype_name(levi_dtype dt) {
+    switch (dt) {
+    case LEVI_F32:
+        return "F32";
+    case LEVI_F16:
+        return "F16";
+    case LEVI_BF16:
+        return "BF16";
+    case LEVI_I32:
+        return "I32";
+    case LEVI_I64:
+        return "I64";
+    case LEVI_U8:
+        return "U8";
+    }
+    return "?";
+}
+
+int64_t levi_tensor_numel(const levi_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+void levi_tensor_set_shape(levi_tensor *t, int ndim, const int64_t *shape) {
+    LEVI_ASSERT(ndim >= 0 && ndim <= LEVI_MAX_DIMS, "tensor rank must be in [0, LEVI_MAX_DIMS]");
+    t->ndim = ndim;
+    int64_t stride = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        t->shape[i] = shape[i];
+        t->strides[i] = stride;
+        stride *= shape[i];
+    }
+    for (int i = ndim; i < LEVI_MAX_DIMS; i++) t->shape[i] = 1, t->strides[i] = 1;
+}
+
+/* ---- arena --------------------------------------------------------------------------- */
+
+struct levi_arena {
+    char *base;
+    size_t used, cap;
+};
+
+levi_arena *levi_arena_init(size_t capacity_bytes) {
+    levi_arena *a = levi_xmalloc(sizeof *a);
+    a->base = levi_xmalloc(capacity_bytes ? capacity_bytes : 64);
+    a->used = 0;
+    a->cap = capacity_bytes;
+    return a;
+}
+
+void levi_arena_free(levi_arena *a) {
+    if (!a) return;
+    free(a->base);
+    free(a);
+}
+
+void *levi_arena_alloc(levi_arena *a, size_t bytes) {
+    size_t start = (a->used + 63) & ~(size_t)63;
+    LEVI_ASSERT(start >= a->used && bytes <= a->cap && start <= a->cap - bytes,
+                "arena exhausted: its sizing function under-counted");
+    a->used = start + bytes;
+    return a->base + start;
+}
+
+float *levi_arena_floats(levi_arena *a, size_t n) {
+    size_t bytes;
+    LEVI_ASSERT(levi_mul_size(n, sizeof(float), &bytes), "arena request overflows");
+    float *p = levi_arena_alloc(a, bytes);
+    memset(p, 0, bytes);
+    return p;
+}
+
+void levi_arena_reset(levi_arena *a) {
+    a->used = 0;
+}
+size_t levi_arena_used(const levi_arena *a) {
+    return a->used;
+}
+size_t levi_arena_capacity(const levi_arena *a) {
+    return a->cap;
+}
+
+/* ---- parameter table ----------------------------------------------------------------- */
+
+void levi_params_init(levi_params *p) {
+    memset(p, 0, sizeof *p);
+}
+
+void levi_params_free(levi_params *p) {
+    if (!p) return;
+    free(p->items);
+    free(p->data);
+    free(p->grad);
+    memset(p, 0, sizeof *p);
+}
+
+int levi_params_add(levi_params *p, const char *name, int ndim, const int64_t *shape) {
+    LEVI_ASSERT(p->data == NULL, "levi_params_add after levi_params_alloc");
+    LEVI_ASSERT(ndim >= 1 && ndim <= LEVI_MAX_DIMS, "parameter rank must be 1..LEVI_MAX_DIMS");
+    LEVI_ASSERT(strlen(name) < LEVI_NAME_MAX, "parameter name too long");
+    LEVI_ASSERT(levi_params_find(p, name) < 0, "duplicate parameter name");
+    if (p->count == p->cap) {
+        p->cap = p->cap ? 2 * p->cap : 32;
+        levi_param *items = realloc(p->items, (size_t)p->cap * sizeof *items);
+        LEVI_ASSERT(items != NULL, "out of memory growing the parameter table");
+        p->items = items;
+    }
+    levi_param *it = &p->items[p->count];
+    memset(it, 0, sizeof *it);
+    snprintf(it->name, sizeof it->name, "%s", name);
+    it->ndim = ndim;
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        LEVI_ASSERT(shape[i] > 0, "parameter dimensions must be positive");
+        it->shape[i] = shape[i];
+        LEVI_ASSERT(levi_mul_size(numel, (size_t)shape[i], &numel), "parameter size overflows");
+    }
+    /* Each tensor starts on a 16-float (64-byte) boundary so kernels see aligned rows. */
+    it->offset = (p->numel + 15) & ~(size_t)15;
+    it->numel = numel;
+    it->trainable = 1;
+    p->numel = it->offset + numel;
+    return p->count++;
+}
+
+void levi_params_alloc(levi_params *p) {
+    LEVI_ASSERT(p->data == NULL, "levi_params_alloc called twice");
+    p->data = levi_xcalloc(p->numel ? p->numel : 1, sizeof(float));
+    p->grad = levi_xcalloc(p->numel ? p->numel : 1, sizeof(float));
+}
+
+int levi_params_find(const levi_params *p, const char *name) {
+    for (int i = 0; i < p->count; i++)
+        if (strcmp(p->items[i].name, name) == 0) return i;
+    return -1;
+}
+
+float *levi_params_data(const levi_params *p, int index) {
+    LEVI_ASSERT(index >= 0 && index < p->count && p->data, "bad parameter index or not allocated");
+    return p->data + p->items[index].offset;
+}
+
+float *levi_params_grad(const levi_params *p, int index) {
+    LEVI_ASSERT(index >= 0 && index < p->count && p->grad, "bad parameter index or not allocated");
+    return p->grad + p->items[index].offset;
+}
+
+void levi_params_zero_grad(levi_params *p) {
+    if (p->grad) memset(p->grad, 0, p->numel * sizeof(float));
+}
+
+int levi_params_set_trainable(levi_params *p, const char *prefix, int trainable) {
+    size_t n = strlen(prefix);
+    int matched = 0;
+    for (int i = 0; i < p->count; i++)
+        if (strncmp(p->items[i].name, prefix, n) == 0) {
+            p->items[i].trainable = trainable;
+            matched++;
+        }
+    return matched;
+}
+
+size_t levi_params_count_trainable(const levi_params *p) {
+    size_t n = 0;
+    for (int i = 0; i < p->count; i++)
+        if (p->items[i].trainable) n += p->items[i].numel;
+    return n;
+}
+
+levi_tensor levi_params_tensor(const levi_params *p, int index) {
+    LEVI_ASSERT(index >= 0 && index < p->count, "bad parameter index");
+    levi_tensor t;
+    memset(&t, 0, sizeof t);
+    snprintf(t.name, sizeof t.name, "%s", p->items[index].name);
+    t.dtype = LEVI_F32;
+    levi_tensor_set_shape(&t, p->items[index].ndim, p->items[index].shape);
+    t.data = p->data ? p->data + p->items[index].offset : NULL;
+    return t;
+}
+
+/* ---- RNG: xoshiro256** seeded by splitmix64 ------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+void levi_rng_seed(levi_rng *r, uint64_t seed) {
+    uint64_t x = seed;
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&x);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
+
+uint64_t levi_rng_u64(levi_rng *r) {
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+uint32_t levi_rng_below(levi_rng *r, uint32_t n) {
+    LEVI_ASSERT(n > 0, "levi_rng_below(0)");
+    /* Lemire's multiply-shift with rejection: unbiased. */
+    uint64_t m = (uint64_t)(uint32_t)(levi_rng_u64(r) >> 32) * n;
+    uint32_t lo = (uint32_t)m;
+    if (lo < n) {
+        uint32_t threshold = (uint32_t)(-n) % n;
+        while (lo < threshold) {
+            m = (uint64_t)(uint32_t)(levi_rng_u64(r) >> 32) * n;
+            lo = (uint32_t)m;
+        }
+    }
+    return (uint32_t)(m >> 32);
+}
+
+float levi_rng_uniform(levi_rng *r) {
+    return (float)(levi_rng_u64(r) >> 40) * (1.0f / 16777216.0f);
+}
+
+float levi_rng_normal(levi_rng *r) {
+    double u1 = ((double)(levi_rng_u64(r) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    double u2 = (double)(levi_rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+void levi_rng_shuffle_i64(levi_rng *r, int64_t *a, int64_t n) {
+    for (int64_t i = n - 1; i > 0; i--) {
+        int64_t j = (int64_t)(levi_rng_u64(r) % (uint64_t)(i + 1));
+        int64_t t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+    }
+}
+
+levi_rng levi_rng_split(levi_rng *r) {
+    levi_rng child;
+    levi_rng_seed(&child, levi_rng_u64(r));
+    return child;
+}
+
+/* ---- threads ------------------------------------------------------------------------- */
+
+static int g_threads = 1;
+
+void levi_set_num_threads(int n) {
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    g_threads = n;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    openblas_set_num_threads(n);
+}
+
+int levi_get_num_threads(void) {
+    return g_threads;
+}
+
+/* ---- GEMM ---------------------------------------------------------------------------- */
+
+void levi_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M == 0 || N == 0) return;
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double acc = 0;
+            for (int k = 0; k < K; k++) {
+                float a = trans_a ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                float b = trans_b ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                acc += (double)a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (float)(alpha * acc + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+}
+
+/* ---- files --------------------------------------------------------------------------- */
+
+levi_status levi_write_file_atomic(const char *path, const void *data, size_t len,
+                                   levi_error *err) {
+    char tmp[4096];
+    if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= sizeof tmp)
+        return levi_errorf(err, LEVI_ERR_ARG, "%s: path too long", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return levi_errorf(err, LEVI_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    const char *p = data;
+    size_t left = len;
+    while (left > 0) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            int e = errno;
+            close(fd);
+            unlink(tmp);
+            return levi_errorf(err, LEVI_ERR_IO, "%s: write failed: %s", tmp, strerror(e));
+        }
+        p += w;
+        left -= (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return levi_errorf(err, LEVI_ERR_IO, "%s: fsync/close failed: %s", tmp, strerror(e));
+    }
+    if (rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return levi_errorf(err, LEVI_ERR_IO, "%s: rename from %s failed: %s", path, tmp,
+                           strerror(e));
+    }
+    return LEVI_OK;
+}
+
+levi_status levi_read_file(const char *path, char **out, size_t *len, levi_error *err) {
+    *out = NULL;
+    if (len) *len = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return levi_errorf(err, LEVI_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    if (!buf) {
+        fclose(f);
+        return levi_errorf(err, LEVI_ERR_NOMEM, "%s: out of memory", path);
+    }
+    for (;;) {
+        if (n + 1 >= cap) {
+            char *nb = (cap > SIZE_MAX / 2) ? NULL : realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                fclose(f);
+                return levi_errorf(err, LEVI_ERR_NOMEM, "%s: file too large to read", path);
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t r = fread(buf + n, 1, cap - n - 1, f);
+        n += r;
+        if (r == 0) break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(buf);
+        return levi_errorf(err, LEVI_ERR_IO, "%s: read failed", path);
+    }
+    buf[n] = 0;
+    *out = buf;
+    if (len) *len = n;
+    return LEVI_OK;
+}
+
+static void hex_digest(const unsigned char *md, char out_hex[65]) {
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 32; i++) {
+        out_hex[2 * i] = hex[md[i] >> 4];
+        out_hex[2 * i + 1] = hex[md[i] & 15];
+    }
+    out_hex[64] = 0;
+}
+
+void levi_sha256_hex(const void *data, size_t len, char out_hex[65]) {
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    LEVI_ASSERT(EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) == 1 && mdlen == 32,
+                "OpenSSL SHA-256 failed");
+    hex_digest(md, out_hex);
+}
+
+levi_status levi_sha256_file(const char *path, char out_hex[65], levi_error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return levi_errorf(err, LEVI_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    LEVI_ASSERT(ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1, "OpenSSL init failed");
+    static __thread unsigned char buf[1 << 16];
+    size_t r;
+    while ((r = fread(buf, 1, sizeof buf, f)) > 0) EVP_DigestUpdate(ctx, buf, r);
+    int bad = ferror(f);
+    fclose(f);
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    EVP_DigestFinal_ex(ctx, md, &mdlen);
+    EVP_MD_CTX_free(ctx);
+    if (bad) return levi_errorf(err, LEVI_ERR_IO, "%s: read failed", path);
+    hex_digest(md, out_hex);
+    return LEVI_OK;
+}
+
+levi_status levi_mkdirs(const char *path, levi_error *err) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) return levi_errorf(err, LEVI_ERR_ARG, "bad directory path");
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == 0) {
+            char c = buf[i];
+            buf[i] = 0;
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                return levi_errorf(err, LEVI_ERR_IO, "%s: cannot create directory: %s", buf,
+                                   strerror(errno));
+            buf[i] = c;
+        }
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return levi_errorf(err, LEVI_ERR_IO, "%s: exists and is not a directory", path);
+    return LEVI_OK;
+}
+
+double levi_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,161 @@
+/* Tests of include/levi/core.h: errors, checked sizes, arena, parameter table, RNG streams,
+ * GEMM against the naive reference, atomic files and SHA-256 (FIPS 180-2 test vectors). */
+#include "levi/core.h"
+#include "testutil.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void test_errors(void **state) {
+    (void)state;
+    levi_error err = {0};
+    assert_int_equal(levi_errorf(&err, LEVI_ERR_FORMAT, "%s:%d: bad", "f.txt", 3), LEVI_ERR_FORMAT);
+    assert_string_equal(err.msg, "f.txt:3: bad");
+    levi_error_prefix(&err, "while loading %s: ", "x");
+    assert_string_equal(err.msg, "while loading x: f.txt:3: bad");
+    assert_int_equal(err.status, LEVI_ERR_FORMAT);
+    assert_int_equal(levi_errorf(NULL, LEVI_ERR_IO, "ignored"), LEVI_ERR_IO);
+}
+
+static void test_sizes(void **state) {
+    (void)state;
+    size_t out = 7;
+    assert_true(levi_mul_size(1u << 20, 1u << 10, &out));
+    assert_int_equal(out, (size_t)1 << 30);
+    out = 7;
+    assert_false(levi_mul_size(SIZE_MAX / 2, 3, &out));
+    assert_int_equal(out, 7);
+    assert_false(levi_add_size(SIZE_MAX, 1, &out));
+}
+
+static void test_arena(void **state) {
+    (void)state;
+    levi_arena *a = levi_arena_init(1024);
+    float *x = levi_arena_floats(a, 10);
+    char *y = levi_arena_alloc(a, 3);
+    float *z = levi_arena_floats(a, 4);
+    assert_true(((uintptr_t)x % 64) == 0 && ((uintptr_t)y % 64) == 0 && ((uintptr_t)z % 64) == 0);
+    assert_true(levi_arena_used(a) <= 1024);
+    for (int i = 0; i < 4; i++) assert_true(z[i] == 0.0f);
+    levi_arena_reset(a);
+    assert_int_equal(levi_arena_used(a), 0);
+    levi_arena_free(a);
+    levi_arena_free(NULL);
+}
+
+static void test_params(void **state) {
+    (void)state;
+    levi_params p;
+    levi_params_init(&p);
+    int64_t s1[2] = {3, 5}, s2[1] = {7};
+    int a = levi_params_add(&p, "layer.0.weight", 2, s1);
+    int b = levi_params_add(&p, "layer.0.bias", 1, s2);
+    levi_params_alloc(&p);
+    assert_int_equal(levi_params_find(&p, "layer.0.bias"), b);
+    assert_int_equal(levi_params_find(&p, "nope"), -1);
+    assert_int_equal(p.items[a].numel, 15);
+    assert_true(p.items[b].offset % 16 == 0 && p.items[b].offset >= 15);
+    assert_true(levi_params_data(&p, b) == p.data + p.items[b].offset);
+    assert_int_equal(levi_params_count_trainable(&p), 22);
+    assert_int_equal(levi_params_set_trainable(&p, "layer.0.w", 0), 1);
+    assert_int_equal(levi_params_count_trainable(&p), 7);
+    levi_tensor t = levi_params_tensor(&p, a);
+    assert_string_equal(t.name, "layer.0.weight");
+    assert_int_equal(t.shape[1], 5);
+    assert_int_equal(t.strides[0], 5);
+    levi_params_free(&p);
+}
+
+static void test_rng(void **state) {
+    (void)state;
+    levi_rng r1, r2;
+    levi_rng_seed(&r1, 42);
+    levi_rng_seed(&r2, 42);
+    for (int i = 0; i < 100; i++) assert_true(levi_rng_u64(&r1) == levi_rng_u64(&r2));
+    levi_rng_seed(&r2, 43);
+    assert_true(levi_rng_u64(&r1) != levi_rng_u64(&r2));
+    /* Moments of uniform and normal draws over 200k samples. */
+    double su = 0, sn = 0, sn2 = 0;
+    int counts[10] = {0};
+    const int n = 200000;
+    for (int i = 0; i < n; i++) {
+        float u = levi_rng_uniform(&r1);
+        assert_true(u >= 0.0f && u < 1.0f);
+        su += u;
+        float g = levi_rng_normal(&r1);
+        sn += g;
+        sn2 += (double)g * g;
+        counts[levi_rng_below(&r1, 10)]++;
+    }
+    assert_true(fabs(su / n - 0.5) < 0.005);
+    assert_true(fabs(sn / n) < 0.01);
+    assert_true(fabs(sn2 / n - 1.0) < 0.02);
+    for (int k = 0; k < 10; k++) assert_true(abs(counts[k] - n / 10) < n / 100);
+    int64_t a[50];
+    for (int i = 0; i < 50; i++) a[i] = i;
+    levi_rng_shuffle_i64(&r1, a, 50);
+    int64_t sum = 0, moved = 0;
+    for (int i = 0; i < 50; i++) sum += a[i], moved += a[i] != i;
+    assert_int_equal(sum, 49 * 50 / 2);
+    assert_true(moved > 25);
+}
+
+static void test_gemm(void **state) {
+    (void)state;
+    levi_rng r;
+    levi_rng_seed(&r, 1);
+    enum { M = 37, N = 29, K = 41, LD = 50 };
+    static float A[LD * LD], B[LD * LD], C1[LD * LD], C2[LD * LD];
+    for (int i = 0; i < LD * LD; i++) A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            for (int i = 0; i < LD * LD; i++) C1[i] = C2[i] = (float)(i % 7);
+            levi_gemm(ta, tb, M, N, K, 0.5f, A, LD, B, LD, 2.0f, C1, LD);
+            levi_gemm_ref(ta, tb, M, N, K, 0.5f, A, LD, B, LD, 2.0f, C2, LD);
+            assert_true(levi_test_max_abs_diff(C1, C2, LD * LD) < 1e-4);
+        }
+}
+
+static void test_files_and_sha(void **state) {
+    (void)state;
+    char hex[65];
+    levi_sha256_hex("abc", 3, hex);
+    assert_string_equal(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    levi_sha256_hex("", 0, hex);
+    assert_string_equal(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    char dir[256], path[700], sub[400];
+    levi_test_tmpdir(dir, sizeof dir);
+    snprintf(sub, sizeof sub, "%s/a/b/c", dir);
+    levi_error err = {0};
+    assert_int_equal(levi_mkdirs(sub, &err), LEVI_OK);
+    assert_int_equal(levi_mkdirs(sub, &err), LEVI_OK);
+    snprintf(path, sizeof path, "%s/out.txt", sub);
+    assert_int_equal(levi_write_file_atomic(path, "abc", 3, &err), LEVI_OK);
+    char *buf;
+    size_t len;
+    assert_int_equal(levi_read_file(path, &buf, &len, &err), LEVI_OK);
+    assert_int_equal(len, 3);
+    assert_string_equal(buf, "abc");
+    free(buf);
+    assert_int_equal(levi_sha256_file(path, hex, &err), LEVI_OK);
+    assert_string_equal(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    snprintf(path, sizeof path, "%s/missing.txt", sub);
+    assert_int_equal(levi_read_file(path, &buf, &len, &err), LEVI_ERR_IO);
+    assert_non_null(strstr(err.msg, "missing.txt"));
+    snprintf(path, sizeof path, "%s/no/such/dir/x", dir);
+    assert_int_equal(levi_write_file_atomic(path, "x", 1, &err), LEVI_ERR_IO);
+    assert_non_null(strstr(err.msg, "cannot create"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_errors),        cmocka_unit_test(test_sizes),
+        cmocka_unit_test(test_arena),         cmocka_unit_test(test_params),
+        cmocka_unit_test(test_rng),           cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_files_and_sha),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
