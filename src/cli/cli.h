@@ -1,0 +1,36 @@
+/* Shared declarations of the levi command-line tool: one function per subcommand, the
+ * progress bar, and the exit codes every subcommand uses.
+ * Not for: library code (nothing in src/core, models, data or methods includes this). */
+#ifndef LEVI_CLI_H
+#define LEVI_CLI_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+/* Exit codes: documented in `levi --help`. */
+enum {
+    LEVI_EXIT_OK = 0,
+    LEVI_EXIT_FAILURE = 1,      /* a run failed (I/O, numeric trouble) */
+    LEVI_EXIT_USAGE = 2,        /* unknown option, bad option value */
+    LEVI_EXIT_INPUT = 3,        /* malformed or missing input file (data, spec, model) */
+    LEVI_EXIT_INTERRUPTED = 130 /* SIGINT/SIGTERM: state saved, rerun to resume */
+};
+
+int levi_cmd_encode(int argc, char **argv);
+int levi_cmd_fit(int argc, char **argv);
+int levi_cmd_eval(int argc, char **argv);
+int levi_cmd_predict(int argc, char **argv);
+
+/* Progress bar on stderr: "label [#####.....] 42% 1234/5678 unit 310.2 unit/s ETA 0:17 extra".
+ * Redrawn in place at most ~10 times a second when stderr is a terminal; otherwise one plain
+ * line every 10% (so logs stay readable). LEVI_PROGRESS=0 in the environment silences it. */
+typedef struct levi_progress levi_progress;
+levi_progress *levi_progress_start(const char *label, int64_t total, const char *unit);
+void levi_progress_update(levi_progress *p, int64_t done, const char *extra);
+void levi_progress_finish(levi_progress *p); /* prints the final line and frees; NULL ok */
+
+/* Set by the SIGINT/SIGTERM handler installed by main(); long loops poll it, save, and
+ * return LEVI_EXIT_INTERRUPTED. */
+extern volatile int levi_cli_interrupted;
+
+#endif
