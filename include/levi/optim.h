@@ -40,7 +40,10 @@ typedef struct levi_optim levi_optim;
 levi_optim *levi_optim_init(levi_params *params, levi_optim_params op);
 void levi_optim_free(levi_optim *o);
 /* One update from params->grad. Returns the global gradient norm before clipping (over
- * trainable tensors). Does not zero the gradients. */
+ * trainable tensors). Clipping scales the update, not params->grad, which is left unchanged
+ * and not zeroed. A NaN or Inf gradient norm skips the step (it is not counted) and is
+ * returned so the caller can report it. Invalid settings (negative lr, beta outside [0,1))
+ * are programmer misuse and assert: validate user options before. */
 float levi_optim_step(levi_optim *o);
 float levi_optim_lr(const levi_optim *o); /* learning rate the next step will use */
 int64_t levi_optim_steps(const levi_optim *o);
@@ -48,7 +51,8 @@ int64_t levi_optim_steps(const levi_optim *o);
 size_t levi_optim_state_numel(const levi_optim *o);
 float *levi_optim_state(levi_optim *o);
 void levi_optim_set_steps(levi_optim *o, int64_t steps);
-/* Learning rate multiplier of a schedule at a step (pure; exposed for tests). */
+/* Learning rate multiplier of a schedule at a step (pure; exposed for tests). LINEAR and
+ * COSINE reach 0 at total_steps and stay there. */
 float levi_schedule_factor(levi_sched_kind kind, int64_t step, int64_t warmup, int64_t total);
 
 #ifdef __cplusplus

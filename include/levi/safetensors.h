@@ -37,9 +37,10 @@ levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
                              const int64_t *shape, float *dst, levi_error *err);
 
 /* Writes tensors (any of the supported dtypes, contiguous) and optional metadata string
- * pairs (meta_keys/meta_vals, n_meta entries) atomically: tmp file, fsync, rename. Keys
- * are written in the order given; offsets are aligned to 8 bytes as PyTorch's loader
- * expects nothing more. */
+ * pairs (meta_keys/meta_vals, n_meta entries) atomically: tmp file, fsync, rename. Header
+ * keys are written in the order given; the header is space-padded to a multiple of 8 bytes;
+ * tensor data is packed without gaps (the reference loader rejects gaps), ordered by element
+ * size, largest first, so every tensor is aligned to its own element size. */
 levi_status levi_st_write(const char *path, const levi_tensor *tensors, int n,
                           const char *const *meta_keys, const char *const *meta_vals,
                           int n_meta, levi_error *err);
