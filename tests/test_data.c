@@ -211,18 +211,18 @@ static void check_mini_table(const levi_table *t) {
         assert_string_equal(levi_table_column_name(t, c), cols[c]);
     assert_int_equal(levi_table_num_rows(t), 6);
     const char *row1[] = {"1",
-                          "24",
+                          "31",
                           "M",
                           "technician",
-                          "85711",
+                          "ZZ001",
                           "2",
-                          "Mis\xc3\xa9rables, Les (1995)",
+                          "Test Caf\xc3\xa9 Movie B, Les (1995)",
                           "Drama|Musical",
                           "3",
-                          "876893171"};
+                          "900000002"};
     for (int c = 0; c < LEVI_MOVIELENS_NUM_COLUMNS; c++)
         assert_string_equal(levi_table_cell(t, 1, c), row1[c]);
-    assert_string_equal(levi_table_cell(t, 2, 6), "Two Friends (1986)"); /* trailing space gone */
+    assert_string_equal(levi_table_cell(t, 2, 6), "Test Movie C (1986)"); /* trailing space gone */
     assert_string_equal(levi_table_cell(t, 0, 7), "Animation|Children's|Comedy");
     assert_string_equal(levi_table_cell(t, 3, 7), "Children's");
 }
@@ -263,24 +263,24 @@ static void test_movielens_errors(void **state) {
     char dir[512], want[1200];
     levi_table *t = NULL;
     levi_error e;
-    const char *good_data = "1\t1\t5\t874965758\n1\t2\t3\t876893171\n2\t3\t4\t878542960\n";
+    const char *good_data = "1\t1\t5\t900000001\n1\t2\t3\t900000002\n2\t3\t4\t900000003\n";
 
     mini_grouplens_copy(dir, sizeof dir);
-    write_str(dir, "u.data", "1\t1\t5\t874965758\n1\t2\t3\t876893171\n2\t3\t4\n");
+    write_str(dir, "u.data", "1\t1\t5\t900000001\n1\t2\t3\t900000002\n2\t3\t4\n");
     snprintf(want, sizeof want, "%s/u.data:3: expected 4 fields, found 3", dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
     assert_null(t);
 
-    write_str(dir, "u.data", "1\t1\t5\t874965758\n1\t2\tabc\t876893171\n");
+    write_str(dir, "u.data", "1\t1\t5\t900000001\n1\t2\tabc\t900000002\n");
     snprintf(want, sizeof want, "%s/u.data:2: rating: expected a number, found \"abc\"", dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
 
-    write_str(dir, "u.data", "1\t1\t5\t874965758\nx1\t2\t3\t876893171\n");
+    write_str(dir, "u.data", "1\t1\t5\t900000001\nx1\t2\t3\t900000002\n");
     snprintf(want, sizeof want, "%s/u.data:2: user_id: expected a positive integer, found \"x1\"",
              dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
 
-    write_str(dir, "u.data", "1\t1\t5\t874965758\n1\t99\t3\t876893171\n");
+    write_str(dir, "u.data", "1\t1\t5\t900000001\n1\t99\t3\t900000002\n");
     snprintf(want, sizeof want,
              "%s/u.data:2: item_id: expected an item listed in %s/u.item, found \"99\"", dir, dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
@@ -292,13 +292,13 @@ static void test_movielens_errors(void **state) {
     write_str(dir, "u.data", good_data);
 
     /* u.user is UTF-8 (ASCII in practice): a Latin-1 byte there is an error with its place. */
-    write_str(dir, "u.user", "1|24|M|technician|85711\n2|53|F|oth\xe9r|94043\n");
+    write_str(dir, "u.user", "1|31|M|technician|ZZ001\n2|42|F|oth\xe9r|ZZ002\n");
     snprintf(want, sizeof want,
              "%s/u.user:2: invalid UTF-8 (byte 0xE9 at column 11); if the file is Latin-1, "
              "declare the encoding latin-1",
              dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
-    write_str(dir, "u.user", "1|24|M|technician|85711\n1|53|F|other|94043\n");
+    write_str(dir, "u.user", "1|31|M|technician|ZZ001\n1|42|F|other|ZZ002\n");
     snprintf(want, sizeof want,
              "%s/u.user:2: user_id: expected each id once, found \"1\" again (first on line 1)",
              dir);
@@ -307,16 +307,16 @@ static void test_movielens_errors(void **state) {
 
     /* u.item is Latin-1: every byte decodes, but a NUL byte or a bad genre flag does not. */
     const char nul_item[] =
-        "1|Toy\0Story (1995)|01-Jan-1995||u|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n";
+        "1|Tst\0Movie A (1995)|01-Jan-1995||u|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n";
     write_file(dir, "u.item", nul_item, sizeof nul_item - 1);
     snprintf(want, sizeof want, "%s/u.item:1: expected text, found a NUL byte at column 6", dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
     write_str(dir, "u.item",
-              "1|Toy Story (1995)|01-Jan-1995||u|0|0|0|1|2|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n");
+              "1|Test Movie A (1995)|01-Jan-1995||u|0|0|0|1|2|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n");
     snprintf(want, sizeof want,
              "%s/u.item:1: genre flag 5 (Children's): expected 0 or 1, found \"2\"", dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
-    write_str(dir, "u.item", "1|Toy Story (1995)|01-Jan-1995||u|0|0|0|1\n");
+    write_str(dir, "u.item", "1|Test Movie A (1995)|01-Jan-1995||u|0|0|0|1\n");
     snprintf(want, sizeof want, "%s/u.item:1: expected 24 fields, found 9", dir);
     expect_msg(levi_movielens_read_grouplens(dir, &t, &e), &e, LEVI_ERR_FORMAT, want);
 
