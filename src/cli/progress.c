@@ -39,7 +39,7 @@ static void draw(levi_progress *p, const char *extra, int final) {
     int fill = (int)(frac * 30);
     for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
     bar[30] = 0;
-    fprintf(stderr, "%s%s [%s] %3.0f%% %lld/%lld %s %.1f %s/s %s %s%s%s", p->tty ? "\r" : "",
+    fprintf(stderr, "%s%s [%s] %3.0f%% %lld/%lld %s %.1f %s/s %s %s%s%s%s", p->tty ? "\r" : "",
             p->label, bar, 100 * frac, (long long)p->done, (long long)p->total, p->unit, rate,
             p->unit, final ? "in" : "ETA", final ? elapsed : eta, extra ? " " : "",
             extra ? extra : "", p->tty ? "\033[K" : "\n");
