@@ -1,0 +1,118 @@
+/* Shared machinery of `levi fit`, `levi eval` and `levi predict`: the saved fit
+ * configuration (fit.json in the output folder), the pipeline that turns it into a dataset,
+ * backbone features and levi_task_data, per-run evaluation into the run-result JSON that
+ * report.h describes, and small helpers for options and exit codes.
+ * Not for: the subcommands' own option parsing and flow (fit.c, eval.c, predict.c), or
+ * writing reports (report.c). */
+#ifndef LEVI_CLI_FIT_H
+#define LEVI_CLI_FIT_H
+
+#include "levi/data.h"
+#include "levi/featcache.h"
+#include "levi/levi.h"
+
+#include <cjson/cJSON.h>
+
+#define FIT_PATH_MAX 4096
+#define FIT_MAX_METHODS LEVI_METHOD_COUNT
+#define FIT_MAX_SEEDS 32
+
+/* Everything that defines a fit; saved as <out>/fit.json so eval and predict can rebuild it. */
+typedef struct fit_config {
+    char target[FIT_PATH_MAX];    /* "movielens" or the spec file as given */
+    char spec_path[FIT_PATH_MAX]; /* absolute spec file; "" for the built-in movielens */
+    char data[FIT_PATH_MAX];      /* absolute source path (overrides the spec's) or "" */
+    char model[FIT_PATH_MAX];     /* absolute model folder, "" when no method needs it */
+    char cache[FIT_PATH_MAX];     /* LEVI_CACHE root (${LEVI_CACHE} in specs) */
+    char features[FIT_PATH_MAX];  /* feature cache root (--cache; <cache>/features) */
+    char out[FIT_PATH_MAX];       /* absolute output folder */
+    int n_methods;
+    int methods[FIT_MAX_METHODS]; /* levi_method values, in the order given */
+    int seeds;                    /* seeds 0 .. seeds-1 */
+    int n_lrs;                    /* 0: each method's default grid */
+    float lrs[LEVI_MAX_GRID];
+    int epochs, patience, batch;
+    int threads;            /* 0: library default */
+    double subsample_frac;  /* 1 and subsample_rows 0: no subsampling */
+    int64_t subsample_rows; /* 0: no cap */
+} fit_config;
+
+/* The loaded pipeline: spec, dataset, features, task data, eval sets. */
+typedef struct fit_context {
+    levi_spec *spec;
+    levi_dataset *ds;
+    char spec_json_path[FIT_PATH_MAX]; /* what was loaded ("<built-in movielens>" or file) */
+    char *spec_text;                   /* the spec's JSON, saved to <out>/spec.json */
+    levi_features feats;               /* n_layers == 0 when no method needs them */
+    levi_featcache_info feat_info;
+    int has_features;
+    int64_t n;
+    int32_t *cat, *cat_card, *cat_mask_group;
+    float *cat_mask_prob, *num, *y;
+    int32_t *yc;
+    levi_task_data td;
+    const int64_t *train, *val;
+    int64_t n_train, n_val;
+    int n_sets;
+    levi_eval_set sets[LEVI_MAX_EVAL_SETS];
+    char set_names[LEVI_MAX_EVAL_SETS][96];
+    char checksum[65];
+    int lower_is_better;
+    double load_seconds, feature_seconds;
+} fit_context;
+
+/* Exit code of a library status. Statuses a user's files cause map to LEVI_EXIT_INPUT. */
+int fit_exit_code(levi_status st);
+/* Prints "levi <cmd>: <message>" to stderr and returns the exit code of err->status. */
+int fit_fail(const char *cmd, const levi_error *err);
+
+/* The LEVI_CACHE root: $LEVI_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/levi. */
+void fit_default_cache(char *out, size_t cap);
+
+/* 1 when the method trains on backbone features. */
+int fit_method_needs_features(int method);
+
+/* Builds the pipeline of cfg (loads the spec and data, prints the summary and checks the
+ * spec's expected counts, subsamples, extracts or reuses features). Returns an exit code;
+ * on failure the message is printed and ctx is closed. */
+enum {
+    FIT_OPEN_SUMMARY = 1,    /* print the dataset summary */
+    FIT_OPEN_NO_FEATURES = 2 /* skip the backbone features (predict encodes its own rows) */
+};
+int fit_context_open(const fit_config *cfg, const char *cmd, int flags, fit_context *ctx);
+/* The spec's JSON text that load_spec used (the built-in one for movielens). */
+extern const char *const fit_movielens_spec;
+void fit_context_close(fit_context *ctx);
+
+/* fit.json <-> fit_config. */
+cJSON *fit_config_to_json(const fit_config *cfg);
+levi_status fit_config_from_json(const char *path, fit_config *cfg, levi_error *err);
+
+/* Runs every eval set through m and writes "sets" and "adapters" of a run result. */
+levi_status fit_evaluate_run(fit_context *ctx, levi_model *m, cJSON *result, levi_error *err);
+
+/* The results document without "methods" (task, metric, config, dataset, features). */
+cJSON *fit_results_header(const fit_config *cfg, const fit_context *ctx, const char *generated_by);
+
+/* snprintf for paths: 1 when it fit, 0 when truncated (the caller's buffer is FIT_PATH_MAX,
+ * so that takes a path longer than any file system allows). */
+int fit_path(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Reads and parses a JSON file (NULL when absent or unreadable; *err tells which). */
+cJSON *fit_read_json(const char *path, levi_error *err);
+levi_status fit_write_json(const char *path, const cJSON *doc, levi_error *err);
+/* The document as it reads back from its file. cJSON prints numbers with 15 digits when they
+ * compare equal within an epsilon, so a value can lose its last bit on the way through a
+ * file; aggregating the read-back values makes a fresh fit, a resumed fit and an eval agree
+ * to the bit. Frees doc. */
+cJSON *fit_json_roundtrip(cJSON *doc);
+
+/* Run folders: <out>/runs/<method>/seed<k>, <out>/runs/<method>/lr-search/lr<value>. */
+void fit_run_dir(const fit_config *cfg, int method, int seed, char *out, size_t cap);
+void fit_search_dir(const fit_config *cfg, int method, float lr, char *out, size_t cap);
+/* The method's learning-rate grid under cfg (the bias model has one dummy entry). */
+int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]);
+/* A float as the shortest decimal that reads back to it (JSON would print 0.0010000000475). */
+double fit_float_json(float x);
+
+#endif

@@ -1,0 +1,130 @@
+/* Entry point of the levi command-line tool: `levi --help`, `levi --version`, the
+ * SIGINT/SIGTERM handlers that long loops poll, and dispatch to one function per subcommand.
+ * Not for: option parsing of subcommands (each levi_cmd_* parses its own arguments) or any
+ * work of its own; this is the only place in levi that returns an exit status to the shell. */
+#include "cli.h"
+
+#include "levi/core.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef LEVI_VERSION_STRING
+#define LEVI_VERSION_STRING "0.1.0"
+#endif
+
+volatile int levi_cli_interrupted = 0;
+
+/* First signal: ask the running loop to save and stop (it returns 130). A second one means
+ * the user does not want to wait for the save: leave at once with the same code. */
+static void on_signal(int sig) {
+    (void)sig;
+    if (levi_cli_interrupted) _exit(LEVI_EXIT_INTERRUPTED);
+    levi_cli_interrupted = 1;
+    static const char msg[] = "\nlevi: interrupted; saving state (press Ctrl-C again to quit "
+                              "now)\n";
+    ssize_t w = write(2, msg, sizeof msg - 1);
+    (void)w;
+}
+
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    /* No SA_RESTART: a blocking read should return so the loop notices the flag. */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+static void print_usage(FILE *f) {
+    fprintf(f,
+            "usage: levi <command> [options]\n"
+            "       levi --help | --version\n"
+            "\n"
+            "LEVI (Roh et al., ICML 2024): a frozen pre-trained model and a small model trained\n"
+            "from scratch, joined by per-layer adapters, for better out-of-distribution results.\n"
+            "\n"
+            "Commands:\n"
+            "  fit <spec.json|movielens>  train LEVI and baselines, write results.json/.csv and\n"
+            "                             report.md (`levi fit movielens` runs the main task)\n"
+            "  eval <out-dir>             reload the checkpoints of a fit and recompute the\n"
+            "                             metrics and reports without training\n"
+            "  predict <out-dir>          predict ratings for new rows with a fitted method\n"
+            "  encode                     extract and cache the backbone's per-layer features\n"
+            "\n"
+            "`levi <command> --help` describes each command's options.\n"
+            "\n"
+            "Exit codes:\n"
+            "  %3d  success\n"
+            "  %3d  a run failed (I/O error, numeric trouble)\n"
+            "  %3d  usage error: unknown command or option, bad option value\n"
+            "  %3d  bad input: missing or malformed data, spec or model file\n"
+            "  %3d  interrupted by SIGINT/SIGTERM: finished runs are kept, rerun to resume\n"
+            "\n"
+            "Environment:\n"
+            "  LEVI_CACHE            cache of models, data and backbone features\n"
+            "                        (default ${XDG_CACHE_HOME:-$HOME/.cache}/levi)\n"
+            "  LEVI_PROGRESS=0       no progress bars on stderr\n"
+            "  OMP_NUM_THREADS       threads for element-wise kernels (--threads overrides)\n"
+            "  OPENBLAS_NUM_THREADS  threads for matrix products (--threads overrides)\n",
+            LEVI_EXIT_OK, LEVI_EXIT_FAILURE, LEVI_EXIT_USAGE, LEVI_EXIT_INPUT,
+            LEVI_EXIT_INTERRUPTED);
+}
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+} command;
+
+static const command commands[] = {
+    {"fit", levi_cmd_fit},
+    {"eval", levi_cmd_eval},
+    {"predict", levi_cmd_predict},
+    {"encode", levi_cmd_encode},
+};
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        print_usage(stderr);
+        return LEVI_EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "help") == 0) {
+        /* `levi help fit` is `levi fit --help`. */
+        if (strcmp(cmd, "help") == 0 && argc > 2) {
+            for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+                if (strcmp(argv[2], commands[i].name) == 0) {
+                    char *sub_argv[] = {argv[2], "--help", NULL};
+                    return commands[i].run(2, sub_argv);
+                }
+            }
+            fprintf(stderr, "levi: unknown command '%s' (commands: fit, eval, predict, encode)\n",
+                    argv[2]);
+            return LEVI_EXIT_USAGE;
+        }
+        print_usage(stdout);
+        return LEVI_EXIT_OK;
+    }
+    if (strcmp(cmd, "-V") == 0 || strcmp(cmd, "--version") == 0 || strcmp(cmd, "version") == 0) {
+        printf("levi %s\n", LEVI_VERSION_STRING);
+        return LEVI_EXIT_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        if (strcmp(cmd, commands[i].name) == 0) {
+            install_signal_handlers();
+            /* Subcommands see argv[0] = their own name, like getopt-style tools expect. */
+            return commands[i].run(argc - 1, argv + 1);
+        }
+    }
+    if (cmd[0] == '-')
+        fprintf(stderr, "levi: unknown option '%s' (expected a command; see levi --help)\n", cmd);
+    else
+        fprintf(stderr,
+                "levi: unknown command '%s' (expected one of: fit, eval, predict, encode; see "
+                "levi --help)\n",
+                cmd);
+    return LEVI_EXIT_USAGE;
+}

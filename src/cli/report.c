@@ -1,0 +1,904 @@
+/* Results writers of the levi CLI: aggregation over seeds, results.json, results.csv and
+ * report.md (the paper's Table 1, Table 5 and Tables 9/10 layouts with the paper's numbers
+ * beside ours), and the Table-1-style table printed at the end of `levi fit`.
+ * Not for: computing metrics (levi.h does) or deciding what runs (fit.c does). The shapes of
+ * the JSON documents handled here are written down in report.h. */
+#include "report.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------------------
+ * The paper's numbers (RMSE on MovieLens-100K genre shift, T5x-small backbone), from
+ * docs/TASKS.md and the paper's Tables 1, 5, 9 and 10. Shown beside ours, never mixed into
+ * them: our backbone (all-MiniLM-L6-v2, frozen) and splits differ from the paper's. */
+typedef struct {
+    float mean, std;
+} paper_cell;
+
+typedef struct {
+    const char *method; /* our method name, or NULL for paper-only rows */
+    const char *row;    /* the paper's row label */
+    paper_cell id, ood;
+    int has_groups;
+    paper_cell groups[12]; /* in PAPER_GROUPS order */
+} paper_row;
+
+/* Tables 9 then 10, in the paper's column order, spelled as in MovieLens' u.genre. */
+static const char *const PAPER_GROUPS[12] = {"Adventure",  "Sci-Fi",  "War",       "Crime",
+                                             "Children's", "Horror",  "Mystery",   "Musical",
+                                             "Animation",  "Western", "Film-Noir", "Documentary"};
+
+static const paper_row PAPER_ROWS[] = {
+    {"ft",
+     "T5x Fine-tuning (FT)",
+     {1.175f, 0.021f},
+     {1.268f, 0.036f},
+     1,
+     {{1.251f, .036f},
+      {1.314f, .046f},
+      {1.153f, .033f},
+      {1.341f, .005f},
+      {1.262f, .045f},
+      {1.355f, .050f},
+      {1.268f, .023f},
+      {1.265f, .060f},
+      {1.262f, .049f},
+      {1.216f, .068f},
+      {1.125f, .082f},
+      {1.404f, .045f}}},
+    {"ht",
+     "T5x Light-tuning: half of transformers (HT)",
+     {1.230f, 0.006f},
+     {1.297f, 0.005f},
+     1,
+     {{1.283f, .018f},
+      {1.352f, .022f},
+      {1.276f, .019f},
+      {1.405f, .089f},
+      {1.298f, .028f},
+      {1.403f, .008f},
+      {1.245f, .038f},
+      {1.315f, .024f},
+      {1.327f, .023f},
+      {1.194f, .013f},
+      {1.122f, .014f},
+      {1.467f, .031f}}},
+    {"lp",
+     "T5x Light-tuning: linear probing (LP)",
+     {1.226f, 0.014f},
+     {1.218f, 0.054f},
+     1,
+     {{1.233f, .005f},
+      {1.231f, .099f},
+      {1.166f, .224f},
+      {1.402f, .118f},
+      {1.195f, .032f},
+      {1.398f, .123f},
+      {1.213f, .122f},
+      {1.158f, .025f},
+      {1.166f, .015f},
+      {1.100f, .101f},
+      {1.062f, .273f},
+      {1.288f, .062f}}},
+    {"fs",
+     "T5x From scratch (FS)",
+     {1.175f, 0.021f},
+     {1.291f, 0.019f},
+     1,
+     {{1.350f, .022f},
+      {1.296f, .018f},
+      {1.246f, .032f},
+      {1.367f, .060f},
+      {1.279f, .031f},
+      {1.399f, .046f},
+      {1.303f, .043f},
+      {1.259f, .031f},
+      {1.262f, .031f},
+      {1.187f, .038f},
+      {1.160f, .025f},
+      {1.388f, .044f}}},
+    {"lpft",
+     "LP->FT",
+     {1.163f, 0.014f},
+     {1.357f, 0.009f},
+     1,
+     {{1.335f, .008f},
+      {1.352f, .013f},
+      {1.294f, .071f},
+      {1.340f, .002f},
+      {1.368f, .030f},
+      {1.378f, .004f},
+      {1.428f, .083f},
+      {1.356f, .049f},
+      {1.396f, .034f},
+      {1.327f, .039f},
+      {1.260f, .004f},
+      {1.455f, .029f}}},
+    {"ft_robust",
+     "FT+RobustModel",
+     {1.072f, 0.002f},
+     {1.127f, 0.038f},
+     1,
+     {{1.122f, .013f},
+      {1.175f, .045f},
+      {1.066f, .068f},
+      {1.203f, .026f},
+      {1.103f, .013f},
+      {1.257f, .063f},
+      {1.125f, .084f},
+      {1.097f, .028f},
+      {1.092f, .020f},
+      {1.048f, .088f},
+      {1.017f, .127f},
+      {1.221f, .073f}}},
+    {"ft_fs",
+     "FT+FS",
+     {1.058f, 0.011f},
+     {1.159f, 0.018f},
+     1,
+     {{1.156f, .018f},
+      {1.196f, .024f},
+      {1.076f, .002f},
+      {1.235f, .010f},
+      {1.142f, .032f},
+      {1.259f, .042f},
+      {1.167f, .033f},
+      {1.143f, .028f},
+      {1.139f, .026f},
+      {1.091f, .044f},
+      {1.033f, .018f},
+      {1.277f, .024f}}},
+    {"ft_zeroshot",
+     "FT+ZeroShot",
+     {1.177f, 0.010f},
+     {1.253f, 0.038f},
+     1,
+     {{1.227f, .032f},
+      {1.338f, .036f},
+      {1.134f, .020f},
+      {1.343f, .003f},
+      {1.239f, .038f},
+      {1.363f, .029f},
+      {1.254f, .016f},
+      {1.235f, .049f},
+      {1.246f, .033f},
+      {1.124f, .096f},
+      {1.143f, .076f},
+      {1.396f, .026f}}},
+    /* Table 5 (ablations): overall ID / OOD only. */
+    {"a1", "A1) T5x+T5x", {1.103f, 0.011f}, {1.178f, 0.021f}, 0, {{0, 0}}},
+    {"a2", "A2) T5x+MLP", {1.035f, 0.009f}, {1.163f, 0.015f}, 0, {{0, 0}}},
+    {"a3", "A3) T5x intermediates", {1.125f, 0.003f}, {1.142f, 0.012f}, 0, {{0, 0}}},
+    {"a4", "A4) single-head MLP", {1.003f, 0.013f}, {1.158f, 0.101f}, 0, {{0, 0}}},
+    {"a5", "A5) multi-head MLP", {1.001f, 0.020f}, {1.121f, 0.034f}, 0, {{0, 0}}},
+    {"levi",
+     "LEVI",
+     {0.932f, 0.005f},
+     {1.065f, 0.018f},
+     1,
+     {{1.036f, .006f},
+      {1.138f, .010f},
+      {1.059f, .069f},
+      {1.178f, .051f},
+      {1.047f, .017f},
+      {1.105f, .019f},
+      {0.973f, .013f},
+      {1.077f, .031f},
+      {1.074f, .015f},
+      {0.949f, .029f},
+      {0.878f, .052f},
+      {1.267f, .031f}}},
+};
+#define N_PAPER_ROWS ((int)(sizeof PAPER_ROWS / sizeof PAPER_ROWS[0]))
+
+static const paper_row *paper_row_of(const char *method) {
+    for (int i = 0; i < N_PAPER_ROWS; i++)
+        if (PAPER_ROWS[i].method && strcmp(PAPER_ROWS[i].method, method) == 0)
+            return &PAPER_ROWS[i];
+    return NULL;
+}
+
+static int paper_group_index(const char *name) {
+    for (int i = 0; i < 12; i++)
+        if (strcmp(PAPER_GROUPS[i], name) == 0) return i;
+    return -1;
+}
+
+static int is_ablation(const char *method) {
+    return method[0] == 'a' && method[1] >= '1' && method[1] <= '5' && method[2] == 0;
+}
+
+const char *levi_report_method_label(const char *method) {
+    static const struct {
+        const char *name, *label;
+    } labels[] = {
+        {"levi", "LEVI"},
+        {"a3", "A3) adapters on all layers, no small model"},
+        {"a4", "A4) single-head MLP (small model alone)"},
+        {"a5", "A5) multi-head MLP (small model, several heads)"},
+        {"lp", "LP (linear probe, last layer)"},
+        {"layer", "LEVI, one adapter on the last layer"},
+        {"bias", "Bias model (user+item, regularised)"},
+    };
+    for (size_t i = 0; i < sizeof labels / sizeof labels[0]; i++)
+        if (strcmp(labels[i].name, method) == 0) return labels[i].label;
+    return method;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Reading the documents. Missing numbers and JSON null (how cJSON writes NaN) read as NaN. */
+static double num(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+static const char *str(const cJSON *o, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+static const cJSON *find_set(const cJSON *run, const char *name) {
+    const cJSON *set;
+    cJSON_ArrayForEach(set, cJSON_GetObjectItemCaseSensitive(run, "sets")) {
+        if (strcmp(str(set, "name"), name) == 0) return set;
+    }
+    return NULL;
+}
+
+static void mean_std(const double *v, int n, double *mean, double *std) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    *mean = n > 0 ? s / n : NAN;
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (v[i] - *mean) * (v[i] - *mean);
+    *std = n > 1 ? sqrt(ss / (n - 1)) : (n == 1 ? 0 : NAN);
+}
+
+static cJSON *stat_object(const double *v, int n) {
+    double mean, std;
+    mean_std(v, n, &mean, &std);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "mean", mean);
+    cJSON_AddNumberToObject(o, "std", std);
+    cJSON_AddNumberToObject(o, "n_seeds", n);
+    return o;
+}
+
+#define MAX_RUNS 64
+
+void levi_report_summarize_method(cJSON *method) {
+    const cJSON *runs = cJSON_GetObjectItemCaseSensitive(method, "runs");
+    int n_runs = cJSON_GetArraySize(runs);
+    if (n_runs > MAX_RUNS) n_runs = MAX_RUNS;
+    const cJSON *first = cJSON_GetArrayItem(runs, 0);
+    cJSON *summary = cJSON_CreateObject();
+    cJSON *adapter_summary = cJSON_CreateArray();
+    double seconds = 0;
+    for (int r = 0; r < n_runs; r++) {
+        const cJSON *train = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(runs, r), "train");
+        double s = num(train, "seconds");
+        if (isfinite(s)) seconds += s;
+    }
+    if (first) {
+        /* Sets and adapters come from the first seed; every seed of a method evaluates the
+           same sets with the same model structure. */
+        const cJSON *set;
+        cJSON_ArrayForEach(set, cJSON_GetObjectItemCaseSensitive(first, "sets")) {
+            const char *name = str(set, "name");
+            double v[MAX_RUNS];
+            int n = 0;
+            for (int r = 0; r < n_runs; r++) {
+                const cJSON *s = find_set(cJSON_GetArrayItem(runs, r), name);
+                if (s) v[n++] = num(s, "value");
+            }
+            cJSON *o = stat_object(v, n);
+            cJSON_AddNumberToObject(o, "n", num(set, "n"));
+            cJSON_AddItemToObject(summary, name, o);
+        }
+        const cJSON *adapters = cJSON_GetObjectItemCaseSensitive(first, "adapters");
+        int n_adapters = cJSON_GetArraySize(adapters);
+        for (int j = 0; j < n_adapters; j++) {
+            const cJSON *a = cJSON_GetArrayItem(adapters, j);
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "name", str(a, "name"));
+            cJSON_AddNumberToObject(o, "layer", num(a, "layer"));
+            cJSON_ArrayForEach(set, cJSON_GetObjectItemCaseSensitive(first, "sets")) {
+                const char *name = str(set, "name");
+                double v[MAX_RUNS];
+                int n = 0;
+                for (int r = 0; r < n_runs; r++) {
+                    const cJSON *s = find_set(cJSON_GetArrayItem(runs, r), name);
+                    const cJSON *per = s ? cJSON_GetObjectItemCaseSensitive(s, "adapters") : NULL;
+                    const cJSON *x = cJSON_GetArrayItem(per, j);
+                    if (x) v[n++] = cJSON_IsNumber(x) ? x->valuedouble : NAN;
+                }
+                cJSON_AddItemToObject(o, name, stat_object(v, n));
+            }
+            cJSON_AddItemToArray(adapter_summary, o);
+        }
+    }
+    cJSON_DeleteItemFromObjectCaseSensitive(method, "summary");
+    cJSON_DeleteItemFromObjectCaseSensitive(method, "adapter_summary");
+    cJSON_DeleteItemFromObjectCaseSensitive(method, "train_seconds");
+    cJSON_AddItemToObject(method, "summary", summary);
+    cJSON_AddItemToObject(method, "adapter_summary", adapter_summary);
+    cJSON_AddNumberToObject(method, "train_seconds", seconds);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Formatting helpers. */
+static void fmt_ms(char *buf, size_t cap, double mean, double std) {
+    if (!isfinite(mean))
+        snprintf(buf, cap, "n/a");
+    else if (isfinite(std))
+        snprintf(buf, cap, "%.3f ± %.3f", mean, std);
+    else
+        snprintf(buf, cap, "%.3f", mean);
+}
+
+static void fmt_set(char *buf, size_t cap, const cJSON *method, const char *set) {
+    const cJSON *s =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(method, "summary"), set);
+    if (!s) {
+        snprintf(buf, cap, "-");
+        return;
+    }
+    fmt_ms(buf, cap, num(s, "mean"), num(s, "std"));
+}
+
+static void fmt_paper(char *buf, size_t cap, const paper_cell *c) {
+    snprintf(buf, cap, "%.3f ± %.3f", c->mean, c->std);
+}
+
+static int is_movielens(const cJSON *results) {
+    return strcmp(str(results, "task"), "movielens") == 0 &&
+           strcmp(str(results, "metric"), "rmse") == 0;
+}
+
+static int n_groups(const cJSON *results) {
+    return cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(results, "dataset"), "groups"));
+}
+
+static const char *metric_label(const cJSON *results) {
+    const char *m = str(results, "metric");
+    return strcmp(m, "rmse") == 0 ? "RMSE" : strcmp(m, "accuracy") == 0 ? "accuracy" : m;
+}
+
+/* Column widths for a plain-text table that also reads as Markdown. */
+#define MAX_COLS 16
+typedef struct {
+    int n_cols;
+    int width[MAX_COLS];
+} table_layout;
+
+static int utf8_width(const char *s) {
+    int w = 0;
+    for (; *s; s++)
+        if (((unsigned char)*s & 0xC0) != 0x80) w++;
+    return w;
+}
+
+static void print_cell(FILE *f, const char *s, int width) {
+    fprintf(f, "| %s", s);
+    for (int i = utf8_width(s); i < width + 1; i++) fputc(' ', f);
+}
+
+static void print_rule(FILE *f, const table_layout *t) {
+    for (int c = 0; c < t->n_cols; c++) {
+        fputc('|', f);
+        for (int i = 0; i < t->width[c] + 2; i++) fputc('-', f);
+    }
+    fputs("|\n", f);
+}
+
+/* A table held as rows of cells, printed with aligned columns. */
+typedef struct {
+    int n_rows, n_cols;
+    char cells[64][MAX_COLS][96];
+} text_table;
+
+static void tt_print(FILE *f, const text_table *tt) {
+    table_layout t = {.n_cols = tt->n_cols};
+    for (int r = 0; r < tt->n_rows; r++)
+        for (int c = 0; c < tt->n_cols; c++) {
+            int w = utf8_width(tt->cells[r][c]);
+            if (w > t.width[c]) t.width[c] = w;
+        }
+    for (int r = 0; r < tt->n_rows; r++) {
+        for (int c = 0; c < tt->n_cols; c++) print_cell(f, tt->cells[r][c], t.width[c]);
+        fputs("|\n", f);
+        if (r == 0) print_rule(f, &t);
+    }
+}
+
+static char *tt_cell(text_table *tt, int r, int c) {
+    if (r >= tt->n_rows) tt->n_rows = r + 1;
+    return tt->cells[r][c];
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Table 1 style: Method | ID | OOD (N groups) [| paper ID | paper OOD]. */
+static void table1(FILE *f, const cJSON *results) {
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    int paper = is_movielens(results);
+    int ng = n_groups(results);
+    tt->n_cols = paper ? 6 : 4;
+    snprintf(tt_cell(tt, 0, 0), 96, "Method");
+    snprintf(tt_cell(tt, 0, 1), 96, "ID %s (ours)", metric_label(results));
+    if (ng > 0)
+        snprintf(tt_cell(tt, 0, 2), 96, "OOD (%d group%s, ours)", ng, ng == 1 ? "" : "s");
+    else
+        snprintf(tt_cell(tt, 0, 2), 96, "OOD (ours)");
+    snprintf(tt_cell(tt, 0, 3), 96, "LR");
+    if (paper) {
+        snprintf(tt_cell(tt, 0, 4), 96, "ID (paper, T5x)");
+        snprintf(tt_cell(tt, 0, 5), 96, "OOD (paper, T5x)");
+    }
+    int r = 1;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        if (r >= 64) break;
+        const char *name = str(m, "method");
+        snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(name));
+        fmt_set(tt_cell(tt, r, 1), 96, m, "id_test");
+        fmt_set(tt_cell(tt, r, 2), 96, m, "ood");
+        double lr = num(m, "chosen_lr");
+        if (strcmp(name, "bias") == 0 || !isfinite(lr))
+            snprintf(tt_cell(tt, r, 3), 96, "-");
+        else
+            snprintf(tt_cell(tt, r, 3), 96, "%g", lr);
+        if (paper) {
+            const paper_row *p = paper_row_of(name);
+            if (p) {
+                fmt_paper(tt_cell(tt, r, 4), 96, &p->id);
+                fmt_paper(tt_cell(tt, r, 5), 96, &p->ood);
+            } else {
+                snprintf(tt_cell(tt, r, 4), 96, "-");
+                snprintf(tt_cell(tt, r, 5), 96, "-");
+            }
+        }
+        r++;
+    }
+    tt_print(f, tt);
+    free(tt);
+}
+
+void levi_report_print_table1(FILE *f, const cJSON *results) {
+    fprintf(f, "%s on %s: ID test and OOD, mean ± std over seeds (%s)\n", metric_label(results),
+            str(results, "task"),
+            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(results, "lower_is_better"))
+                ? "lower is better"
+                : "higher is better");
+    table1(f, results);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * report.md */
+static void md_header(FILE *f, const cJSON *results) {
+    const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(results, "config");
+    const cJSON *ds = cJSON_GetObjectItemCaseSensitive(results, "dataset");
+    fprintf(f, "# levi results: %s\n\n", str(results, "task"));
+    fprintf(f, "Generated by `levi %s` (levi %s) on %s.\n\n", str(results, "generated_by"),
+            str(results, "levi_version"), str(results, "created"));
+    fprintf(f, "## Setup\n\n");
+    fprintf(f, "- Dataset: %s (%s)\n", str(ds, "name"), str(cfg, "data"));
+    fprintf(f, "- Backbone: %s, frozen; per-layer features cached (%s)\n", str(cfg, "model"),
+            str(cfg, "features_dir"));
+    fprintf(f,
+            "- Rows: %.0f (ID train %.0f, ID val %.0f, ID test %.0f; OOD %.0f in %d "
+            "group%s)\n",
+            num(ds, "rows"), num(ds, "train"), num(ds, "val"), num(ds, "test"), num(ds, "ood"),
+            n_groups(results), n_groups(results) == 1 ? "" : "s");
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "subsample");
+    if (v && !cJSON_IsNull(v)) fprintf(f, "- Subsample: %s\n", str(cfg, "subsample"));
+    fprintf(f, "- Seeds: %.0f; epochs at most %.0f, patience %.0f, batch %.0f\n", num(cfg, "seeds"),
+            num(cfg, "epochs"), num(cfg, "patience"), num(cfg, "batch"));
+    fprintf(f, "- Learning rate: chosen per method on ID validation with seed %.0f",
+            num(cfg, "first_seed"));
+    const cJSON *lrs = cJSON_GetObjectItemCaseSensitive(cfg, "lrs");
+    if (cJSON_IsArray(lrs)) {
+        fputs(" from {", f);
+        const cJSON *x;
+        int i = 0;
+        cJSON_ArrayForEach(x, lrs) fprintf(f, "%s%g", i++ ? ", " : "", x->valuedouble);
+        fputs("}", f);
+    } else {
+        fputs(" from each method's default grid", f);
+    }
+    fputs("; OOD rows never influence any choice.\n", f);
+    fprintf(f, "- Metric: %s; mean ± sample std (n-1) over seeds.\n\n", metric_label(results));
+}
+
+static void md_table5(FILE *f, const cJSON *results) {
+    const cJSON *methods = cJSON_GetObjectItemCaseSensitive(results, "methods");
+    int any = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, methods) any |= is_ablation(str(m, "method"));
+    if (!any) return;
+    int paper = is_movielens(results);
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    fprintf(f, "## Table 5 style: ablations\n\n");
+    tt->n_cols = paper ? 5 : 3;
+    snprintf(tt_cell(tt, 0, 0), 96, "Method");
+    snprintf(tt_cell(tt, 0, 1), 96, "ID (ours)");
+    snprintf(tt_cell(tt, 0, 2), 96, "OOD (ours)");
+    if (paper) {
+        snprintf(tt_cell(tt, 0, 3), 96, "ID (paper, T5x)");
+        snprintf(tt_cell(tt, 0, 4), 96, "OOD (paper, T5x)");
+    }
+    int r = 1;
+    /* The paper's order: ablations A1..A5, then LEVI. */
+    static const char *const order[] = {"a1", "a2", "a3", "a4", "a5", "levi"};
+    for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
+        cJSON_ArrayForEach(m, methods) {
+            if (strcmp(str(m, "method"), order[k]) != 0) continue;
+            snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(order[k]));
+            fmt_set(tt_cell(tt, r, 1), 96, m, "id_test");
+            fmt_set(tt_cell(tt, r, 2), 96, m, "ood");
+            const paper_row *p = paper ? paper_row_of(order[k]) : NULL;
+            if (paper) {
+                if (p) {
+                    fmt_paper(tt_cell(tt, r, 3), 96, &p->id);
+                    fmt_paper(tt_cell(tt, r, 4), 96, &p->ood);
+                } else {
+                    snprintf(tt_cell(tt, r, 3), 96, "-");
+                    snprintf(tt_cell(tt, r, 4), 96, "-");
+                }
+            }
+            r++;
+        }
+    }
+    tt_print(f, tt);
+    fputs("\nOur A3/A4/A5 are the paper's ablations built on a frozen all-MiniLM-L6-v2 instead "
+          "of a fine-tuned T5x (Sec. D.4).\n\n",
+          f);
+    free(tt);
+}
+
+/* Tables 9/10 style: one column per OOD group, in chunks of six like the paper. */
+static void md_groups(FILE *f, const cJSON *results) {
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(results, "dataset"), "groups");
+    int ng = cJSON_GetArraySize(groups);
+    if (ng == 0) return;
+    const cJSON *methods = cJSON_GetObjectItemCaseSensitive(results, "methods");
+    int paper = is_movielens(results);
+    fprintf(f, "## Tables 9/10 style: OOD %s per group\n\n", metric_label(results));
+    fprintf(f, "Ours, mean ± std over seeds. Group sizes (rows) in the header.\n\n");
+    const int per_table = 6;
+    /* Column order: the paper's (Table 9 then Table 10) when every group is one of its
+       genres, so the two can be read side by side; otherwise the dataset's. */
+    int order[64];
+    if (ng > 64) ng = 64;
+    int all_paper = paper;
+    for (int g = 0; g < ng; g++) {
+        order[g] = g;
+        all_paper &= paper_group_index(str(cJSON_GetArrayItem(groups, g), "name")) >= 0;
+    }
+    if (all_paper) {
+        int k = 0;
+        for (int p = 0; p < 12; p++)
+            for (int g = 0; g < ng; g++)
+                if (paper_group_index(str(cJSON_GetArrayItem(groups, g), "name")) == p)
+                    order[k++] = g;
+    }
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    for (int g0 = 0; g0 < ng; g0 += per_table) {
+        int g1 = g0 + per_table < ng ? g0 + per_table : ng;
+        memset(tt, 0, sizeof *tt);
+        tt->n_cols = 1 + g1 - g0;
+        snprintf(tt_cell(tt, 0, 0), 96, "Method");
+        for (int g = g0; g < g1; g++) {
+            const cJSON *gr = cJSON_GetArrayItem(groups, order[g]);
+            snprintf(tt_cell(tt, 0, 1 + g - g0), 96, "%s (%.0f)", str(gr, "name"), num(gr, "n"));
+        }
+        int r = 1;
+        const cJSON *m;
+        cJSON_ArrayForEach(m, methods) {
+            if (r >= 64) break;
+            snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(str(m, "method")));
+            for (int g = g0; g < g1; g++) {
+                char set[128];
+                snprintf(set, sizeof set, "ood/%s",
+                         str(cJSON_GetArrayItem(groups, order[g]), "name"));
+                fmt_set(tt_cell(tt, r, 1 + g - g0), 96, m, set);
+            }
+            r++;
+        }
+        tt_print(f, tt);
+        fputc('\n', f);
+    }
+    if (paper) {
+        /* The paper's numbers for the same groups, for the methods we ran that the paper
+           also has, then LEVI's and the other paper rows for context. */
+        fprintf(f, "Paper (T5x-small backbone; Tables 9 and 10), same groups, for reference:\n\n");
+        for (int g0 = 0; g0 < ng; g0 += per_table) {
+            int g1 = g0 + per_table < ng ? g0 + per_table : ng;
+            memset(tt, 0, sizeof *tt);
+            tt->n_cols = 1 + g1 - g0;
+            snprintf(tt_cell(tt, 0, 0), 96, "Method (paper)");
+            for (int g = g0; g < g1; g++)
+                snprintf(tt_cell(tt, 0, 1 + g - g0), 96, "%s",
+                         str(cJSON_GetArrayItem(groups, order[g]), "name"));
+            int r = 1;
+            for (int i = 0; i < N_PAPER_ROWS && r < 64; i++) {
+                const paper_row *p = &PAPER_ROWS[i];
+                if (!p->has_groups) continue;
+                snprintf(tt_cell(tt, r, 0), 96, "%s", p->row);
+                for (int g = g0; g < g1; g++) {
+                    int k = paper_group_index(str(cJSON_GetArrayItem(groups, order[g]), "name"));
+                    if (k >= 0)
+                        fmt_paper(tt_cell(tt, r, 1 + g - g0), 96, &p->groups[k]);
+                    else
+                        snprintf(tt_cell(tt, r, 1 + g - g0), 96, "-");
+                }
+                r++;
+            }
+            tt_print(f, tt);
+            fputc('\n', f);
+        }
+    }
+    free(tt);
+}
+
+/* Per-adapter metrics of every method with more than one head. */
+static void md_adapters(FILE *f, const cJSON *results) {
+    const cJSON *m;
+    int header = 0;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        const cJSON *as = cJSON_GetObjectItemCaseSensitive(m, "adapter_summary");
+        if (cJSON_GetArraySize(as) < 2) continue;
+        if (!header) {
+            fprintf(f, "## Per-adapter %s (each head alone; the method predicts their mean)\n\n",
+                    metric_label(results));
+            header = 1;
+        }
+        fprintf(f, "%s:\n\n", levi_report_method_label(str(m, "method")));
+        text_table *tt = calloc(1, sizeof *tt);
+        if (!tt) return;
+        tt->n_cols = 4;
+        snprintf(tt_cell(tt, 0, 0), 96, "Adapter");
+        snprintf(tt_cell(tt, 0, 1), 96, "ID val");
+        snprintf(tt_cell(tt, 0, 2), 96, "ID test");
+        snprintf(tt_cell(tt, 0, 3), 96, "OOD");
+        int r = 1;
+        const cJSON *a;
+        cJSON_ArrayForEach(a, as) {
+            if (r >= 64) break;
+            snprintf(tt_cell(tt, r, 0), 96, "%s", str(a, "name"));
+            static const char *const sets[] = {"id_val", "id_test", "ood"};
+            for (int k = 0; k < 3; k++) {
+                const cJSON *s = cJSON_GetObjectItemCaseSensitive(a, sets[k]);
+                if (s)
+                    fmt_ms(tt_cell(tt, r, 1 + k), 96, num(s, "mean"), num(s, "std"));
+                else
+                    snprintf(tt_cell(tt, r, 1 + k), 96, "-");
+            }
+            r++;
+        }
+        snprintf(tt_cell(tt, r, 0), 96, "mean of adapters (the prediction)");
+        fmt_set(tt_cell(tt, r, 1), 96, m, "id_val");
+        fmt_set(tt_cell(tt, r, 2), 96, m, "id_test");
+        fmt_set(tt_cell(tt, r, 3), 96, m, "ood");
+        tt_print(f, tt);
+        fputc('\n', f);
+        free(tt);
+    }
+}
+
+static void md_selection_and_times(FILE *f, const cJSON *results) {
+    fprintf(f, "## Learning-rate selection (ID validation, first seed) and wall times\n\n");
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    tt->n_cols = 5;
+    snprintf(tt_cell(tt, 0, 0), 96, "Method");
+    snprintf(tt_cell(tt, 0, 1), 96, "ID val by LR");
+    snprintf(tt_cell(tt, 0, 2), 96, "chosen LR");
+    snprintf(tt_cell(tt, 0, 3), 96, "epochs (per seed)");
+    snprintf(tt_cell(tt, 0, 4), 96, "train s (all runs)");
+    int r = 1;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        if (r >= 64) break;
+        const char *name = str(m, "method");
+        snprintf(tt_cell(tt, r, 0), 96, "%s", name);
+        char *c = tt_cell(tt, r, 1);
+        size_t used = 0;
+        const cJSON *lrs = cJSON_GetObjectItemCaseSensitive(m, "lr_grid");
+        const cJSON *vals = cJSON_GetObjectItemCaseSensitive(m, "lr_val");
+        int n = cJSON_GetArraySize(lrs);
+        if (strcmp(name, "bias") == 0) n = 0; /* no learning rate */
+        for (int i = 0; i < n && used < 80; i++) {
+            const cJSON *v = cJSON_GetArrayItem(vals, i);
+            used += (size_t)snprintf(c + used, 96 - used, "%s%g: %s", i ? ", " : "",
+                                     cJSON_GetArrayItem(lrs, i)->valuedouble,
+                                     cJSON_IsNumber(v) ? "" : "n/a");
+            if (cJSON_IsNumber(v) && used < 90)
+                used += (size_t)snprintf(c + used, 96 - used, "%.3f", v->valuedouble);
+        }
+        if (n == 0) snprintf(c, 96, "-");
+        if (strcmp(name, "bias") == 0)
+            snprintf(tt_cell(tt, r, 2), 96, "- (lambda chosen on ID val)");
+        else
+            snprintf(tt_cell(tt, r, 2), 96, "%g", num(m, "chosen_lr"));
+        char *e = tt_cell(tt, r, 3);
+        used = 0;
+        const cJSON *run;
+        int k = 0;
+        cJSON_ArrayForEach(run, cJSON_GetObjectItemCaseSensitive(m, "runs")) {
+            if (used >= 80) break;
+            const cJSON *tr = cJSON_GetObjectItemCaseSensitive(run, "train");
+            used += (size_t)snprintf(e + used, 96 - used, "%s%.0f", k++ ? ", " : "",
+                                     num(tr, "epochs_run"));
+        }
+        if (k == 0) snprintf(e, 96, "-");
+        snprintf(tt_cell(tt, r, 4), 96, "%.1f", num(m, "train_seconds"));
+        r++;
+    }
+    tt_print(f, tt);
+    free(tt);
+    const cJSON *w = cJSON_GetObjectItemCaseSensitive(results, "wall_s");
+    if (w) {
+        fputs("\nWall time of this invocation (s; runs finished earlier are not retimed):", f);
+        const cJSON *x;
+        int i = 0;
+        cJSON_ArrayForEach(x, w) {
+            if (cJSON_IsNumber(x))
+                fprintf(f, "%s %s %.1f", i++ ? "," : "", x->string, x->valuedouble);
+        }
+        fputs(".\n", f);
+    }
+    fputc('\n', f);
+}
+
+static void md_paper_reference(FILE *f, const cJSON *results) {
+    if (!is_movielens(results)) return;
+    fprintf(f, "## Paper's numbers for reference (not ours)\n\n");
+    fprintf(f, "Roh et al., ICML 2024, Table 1 and Table 5, MovieLens-100K genre shift, RMSE, "
+               "T5x-small backbone (fine-tuned unless noted), mean ± std over 3 seeds:\n\n");
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    tt->n_cols = 3;
+    snprintf(tt_cell(tt, 0, 0), 96, "Method (paper)");
+    snprintf(tt_cell(tt, 0, 1), 96, "ID");
+    snprintf(tt_cell(tt, 0, 2), 96, "OOD (12 genres)");
+    for (int i = 0; i < N_PAPER_ROWS; i++) {
+        snprintf(tt_cell(tt, i + 1, 0), 96, "%s", PAPER_ROWS[i].row);
+        fmt_paper(tt_cell(tt, i + 1, 1), 96, &PAPER_ROWS[i].id);
+        fmt_paper(tt_cell(tt, i + 1, 2), 96, &PAPER_ROWS[i].ood);
+    }
+    tt_print(f, tt);
+    free(tt);
+    fprintf(f, "\nSimple references on this split (docs/TASKS.md, 80/20 ID shuffle, not from the "
+               "paper): global mean 1.128 / 1.156; regularised user+item bias 0.956 / 1.081 "
+               "(ID / OOD). A method that does not beat the bias model on both is not "
+               "working.\n\n");
+}
+
+void levi_report_markdown(FILE *f, const cJSON *results) {
+    md_header(f, results);
+    fprintf(f, "## Table 1 style: ID and OOD %s\n\n", metric_label(results));
+    table1(f, results);
+    if (is_movielens(results))
+        fputs("\nPaper columns: Table 1 (LEVI, LP) and Table 5 (A3-A5) with a fine-tuned T5x; "
+              "ours use a frozen all-MiniLM-L6-v2, so compare orderings, not digits.\n",
+              f);
+    fputc('\n', f);
+    md_table5(f, results);
+    md_groups(f, results);
+    md_adapters(f, results);
+    md_selection_and_times(f, results);
+    md_paper_reference(f, results);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * results.csv: one row per method x seed x eval set (and per adapter). */
+static void csv_field(FILE *f, const char *s) {
+    if (strpbrk(s, ",\"\n\r")) {
+        fputc('"', f);
+        for (; *s; s++) {
+            if (*s == '"') fputc('"', f);
+            fputc(*s, f);
+        }
+        fputc('"', f);
+    } else {
+        fputs(s, f);
+    }
+}
+
+static void csv_number(FILE *f, double v) {
+    if (isfinite(v))
+        fprintf(f, "%.17g", v);
+    else
+        fputs("nan", f);
+}
+
+void levi_report_csv(FILE *f, const cJSON *results) {
+    fputs("method,seed,lr,adapter,split,group,n,metric,value\n", f);
+    const char *metric = str(results, "metric");
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        const char *method = str(m, "method");
+        const cJSON *run;
+        cJSON_ArrayForEach(run, cJSON_GetObjectItemCaseSensitive(m, "runs")) {
+            const cJSON *adapters = cJSON_GetObjectItemCaseSensitive(run, "adapters");
+            int n_adapters = cJSON_GetArraySize(adapters);
+            const cJSON *set;
+            cJSON_ArrayForEach(set, cJSON_GetObjectItemCaseSensitive(run, "sets")) {
+                const char *name = str(set, "name");
+                const char *group = "";
+                char split[64];
+                if (strncmp(name, "ood/", 4) == 0) {
+                    snprintf(split, sizeof split, "ood_group");
+                    group = name + 4;
+                } else {
+                    snprintf(split, sizeof split, "%s", name);
+                }
+                const cJSON *per = cJSON_GetObjectItemCaseSensitive(set, "adapters");
+                for (int j = -1; j < n_adapters; j++) {
+                    csv_field(f, method);
+                    fprintf(f, ",%.0f,%g,", num(run, "seed"), num(run, "lr"));
+                    csv_field(f, j < 0 ? "" : str(cJSON_GetArrayItem(adapters, j), "name"));
+                    fputc(',', f);
+                    csv_field(f, split);
+                    fputc(',', f);
+                    csv_field(f, group);
+                    fprintf(f, ",%.0f,%s,", num(set, "n"), metric);
+                    const cJSON *x = j < 0 ? NULL : cJSON_GetArrayItem(per, j);
+                    csv_number(f, j < 0 ? num(set, "value")
+                                        : (cJSON_IsNumber(x) ? x->valuedouble : NAN));
+                    fputc('\n', f);
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Writing the files. Each is built in memory and written atomically, so an interrupted
+ * run never leaves half a report. */
+static levi_status write_stream(const char *out_dir, const char *file,
+                                void (*fill)(FILE *, const cJSON *), const cJSON *results,
+                                levi_error *err) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/%s", out_dir, file) >= (int)sizeof path)
+        return levi_errorf(err, LEVI_ERR_ARG, "%s: path too long", out_dir);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return levi_errorf(err, LEVI_ERR_NOMEM, "%s: cannot build the file in memory", path);
+    fill(f, results);
+    fclose(f);
+    levi_status st = levi_write_file_atomic(path, buf, len, err);
+    free(buf);
+    return st;
+}
+
+levi_status levi_report_write(const char *out_dir, const cJSON *results, levi_error *err) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/results.json", out_dir) >= (int)sizeof path)
+        return levi_errorf(err, LEVI_ERR_ARG, "%s: path too long", out_dir);
+    char *json = cJSON_Print(results);
+    if (!json) return levi_errorf(err, LEVI_ERR_NOMEM, "%s: cannot serialise the results", path);
+    size_t len = strlen(json);
+    /* A trailing newline keeps the file friendly to line tools. */
+    char *with_nl = realloc(json, len + 2);
+    if (!with_nl) {
+        free(json);
+        return levi_errorf(err, LEVI_ERR_NOMEM, "%s: out of memory", path);
+    }
+    with_nl[len] = '\n';
+    with_nl[len + 1] = 0;
+    levi_status st = levi_write_file_atomic(path, with_nl, len + 1, err);
+    free(with_nl);
+    if (st != LEVI_OK) return st;
+    st = write_stream(out_dir, "results.csv", levi_report_csv, results, err);
+    if (st != LEVI_OK) return st;
+    return write_stream(out_dir, "report.md", levi_report_markdown, results, err);
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# End-to-end test of `levi fit` on real MovieLens-100K, subsampled to 3000 rows: extracts the
+# backbone features into a temporary LEVI_CACHE, trains levi, a4 and bias with 2 seeds, and
+# checks the exit code, the output files, that every RMSE is finite and sane (0.5..2.0), that
+# a second run skips every finished run and reproduces results.csv byte for byte, that
+# `levi eval` recomputes the same numbers from the checkpoints, that `levi predict` works on
+# new rows (unseen ids included), and that SIGINT stops a run with exit 130, resumable.
+#
+#   tests/cli_fit.sh <levi binary>
+# Inputs: LEVI_RECBOLE_DIR (RecBole atomic files) or LEVI_DATA_DIR/ml-100k (GroupLens), and
+# LEVI_MODEL_DIR (all-MiniLM-L6-v2). Exits 77 (skipped) when they are absent.
+set -u
+levi=${1:?usage: cli_fit.sh <levi binary>}
+
+data=""
+if [ -n "${LEVI_RECBOLE_DIR:-}" ] && [ -f "$LEVI_RECBOLE_DIR/ml-100k.inter" ]; then
+    data=$LEVI_RECBOLE_DIR
+elif [ -n "${LEVI_DATA_DIR:-}" ] && [ -f "$LEVI_DATA_DIR/ml-100k/u.data" ]; then
+    data=$LEVI_DATA_DIR/ml-100k
+else
+    echo "skip: no MovieLens-100K (set LEVI_RECBOLE_DIR to RecBole's ml-100k atomic files or" \
+         "LEVI_DATA_DIR to a folder holding ml-100k/)"
+    exit 77
+fi
+model=${LEVI_MODEL_DIR:-}
+if [ -z "$model" ] || [ ! -f "$model/model.safetensors" ]; then
+    echo "skip: LEVI_MODEL_DIR does not name a folder with all-MiniLM-L6-v2's model.safetensors"
+    exit 77
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
+out=$tmp/out
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+args=(fit movielens --subsample 3000 --epochs 2 --seeds 2 --lrs 1e-3 --methods levi,a4,bias
+      --out "$out" --data "$data" --model "$model")
+
+# 1. The first run: extraction and training.
+t0=$(date +%s)
+"$levi" "${args[@]}" >"$tmp/log1" 2>&1
+rc=$?
+t1=$(date +%s)
+echo "first fit: exit $rc in $((t1 - t0)) s"
+if [ $rc -ne 0 ]; then
+    tail -30 "$tmp/log1"
+    echo "FAIL: levi fit exited $rc"
+    exit 1
+fi
+for f in results.json results.csv report.md fit.json spec.json; do
+    [ -s "$out/$f" ] || fail "$out/$f missing or empty"
+done
+for m in levi a4 bias; do
+    for s in 0 1; do
+        for f in result.json config.json model.safetensors; do
+            [ -s "$out/runs/$m/seed$s/$f" ] || fail "runs/$m/seed$s/$f missing"
+        done
+    done
+done
+grep -q "self-check: counts match" "$tmp/log1" || fail "the dataset self-check line is missing"
+grep -q "OOD (12 groups, ours)" "$tmp/log1" || fail "the Table-1-style table is not on stdout"
+grep -q "^| LEVI " "$tmp/log1" || fail "no LEVI row in the printed table"
+for h in "## Table 1 style" "## Tables 9/10 style" "Paper (T5x-small backbone" \
+         "## Per-adapter RMSE" "## Paper's numbers for reference"; do
+    grep -qF "$h" "$out/report.md" || fail "report.md lacks '$h'"
+done
+
+# 2. Every metric in results.csv is a finite RMSE in 0.5..2.0, and every method x seed has
+#    ID test, all-OOD and the 12 groups. LEVI has 7 adapters (embeddings + 6 layers).
+awk -F, -v out="$tmp/csv_check" '
+NR == 1 { if ($0 != "method,seed,lr,adapter,split,group,n,metric,value") bad = bad "header " $0 "\n"; next }
+{
+    v = $NF
+    if (v !~ /^[0-9.eE+-]+$/ || v + 0 < 0.5 || v + 0 > 2.0) bad = bad "line " NR ": " $0 "\n"
+    if ($4 == "") { sets[$1 "/" $2 "/" $5]++; if ($5 == "ood_group") groups[$1 "/" $2]++ }
+    else adapters[$1 "/" $2 "/" $4] = 1
+}
+END {
+    split("levi a4 bias", ms, " ")
+    for (i = 1; i <= 3; i++) for (s = 0; s <= 1; s++) {
+        k = ms[i] "/" s
+        if (!sets[k "/id_test"] || !sets[k "/ood"] || !sets[k "/id_val"]) bad = bad "missing sets for " k "\n"
+        if (groups[k] != 12) bad = bad k ": " groups[k] + 0 " OOD groups, expected 12\n"
+    }
+    n = 0; for (a in adapters) if (a ~ /^levi\/0\//) n++
+    if (n != 7) bad = bad "levi has " n " adapters, expected 7\n"
+    printf "%s", bad > out
+}' "$out/results.csv"
+if [ -s "$tmp/csv_check" ]; then
+    fail "results.csv checks:"
+    head -20 "$tmp/csv_check"
+fi
+echo "results.csv: $(($(wc -l <"$out/results.csv") - 1)) rows checked"
+grep -Eq '"lower_is_better":[[:space:]]*true' "$out/results.json" || fail "results.json lacks lower_is_better"
+grep -Eq '"chosen_lr":[[:space:]]*0.001,' "$out/results.json" || fail "results.json lacks chosen_lr 0.001"
+
+# 3. A second run skips every finished run (6), reuses the features and reproduces the CSV.
+cp "$out/results.csv" "$tmp/first.csv"
+t0=$(date +%s)
+"$levi" "${args[@]}" >"$tmp/log2" 2>&1
+rc=$?
+t2=$(($(date +%s) - t0))
+echo "second fit: exit $rc in $t2 s"
+[ $rc -eq 0 ] || { tail -20 "$tmp/log2"; fail "second levi fit exited $rc"; }
+n_skipped=$(grep -c "finished earlier" "$tmp/log2")
+[ "$n_skipped" -eq 6 ] || fail "second run skipped $n_skipped runs, expected 6"
+grep -q "features: reused cache" "$tmp/log2" || fail "second run did not reuse the feature cache"
+[ "$t2" -le 30 ] || fail "second run took $t2 s; expected a quick resume (<= 30 s)"
+cmp -s "$tmp/first.csv" "$out/results.csv" || fail "results.csv changed on the resumed run"
+
+# 4. levi eval recomputes the metrics from the checkpoints: the same numbers.
+"$levi" eval "$out" >"$tmp/log3" 2>&1
+rc=$?
+[ $rc -eq 0 ] || { tail -20 "$tmp/log3"; fail "levi eval exited $rc"; }
+cmp -s "$tmp/first.csv" "$out/results.csv" || {
+    diff "$tmp/first.csv" "$out/results.csv" | head -5
+    fail "levi eval gave different metrics"
+}
+
+# 5. levi predict on new rows: known ids, an unseen user and an unseen movie.
+cat >"$tmp/rows.csv" <<'EOF'
+user_id,age,occupation,zip_code,item_id,title
+1,24,technician,85711,1,Toy Story (1995)
+196,49,writer,55105,242,Kolya (1996)
+999999,30,astronaut,00000,99999,"A Movie Nobody Saw, The (2031)"
+EOF
+for m in levi a4 bias; do
+    "$levi" predict "$out" --method $m --input "$tmp/rows.csv" --output "$tmp/pred-$m.csv" \
+        >"$tmp/log4" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || { tail -10 "$tmp/log4"; fail "levi predict --method $m exited $rc"; continue; }
+    lines=$(wc -l <"$tmp/pred-$m.csv")
+    [ "$lines" -eq 4 ] || fail "predict $m: $lines lines, expected a header and 3 rows"
+    head -1 "$tmp/pred-$m.csv" | grep -q '^row,prediction,seed0,seed1$' ||
+        fail "predict $m: header is '$(head -1 "$tmp/pred-$m.csv")'"
+    awk -F, 'NR > 1 && !($2 + 0 >= 0.5 && $2 + 0 <= 5.5) { exit 1 }' "$tmp/pred-$m.csv" ||
+        fail "predict $m: a prediction outside 0.5..5.5: $(cat "$tmp/pred-$m.csv")"
+done
+grep -q "unseen in training -> unknown slot" "$tmp/log4" || fail "predict did not report unseen ids"
+
+# 6. SIGINT during training: exit 130, the run left resumable (state, no result).
+rm -rf "$tmp/int"
+"$levi" fit movielens --subsample 3000 --epochs 1000 --patience 1000 --seeds 1 --lrs 1e-3 \
+    --methods a4 --out "$tmp/int" --data "$data" >"$tmp/log5" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do
+    [ -s "$tmp/int/runs/a4/seed0/state.safetensors" ] && break
+    sleep 0.2
+done
+kill -INT $pid
+wait $pid
+rc=$?
+[ $rc -eq 130 ] || { tail -5 "$tmp/log5"; fail "interrupted fit exited $rc, expected 130"; }
+[ -s "$tmp/int/runs/a4/seed0/state.safetensors" ] || fail "no training state after SIGINT"
+[ ! -e "$tmp/int/runs/a4/seed0/result.json" ] || fail "an interrupted run wrote result.json"
+grep -q "run the same command again to resume" "$tmp/log5" || fail "no resume hint after SIGINT"
+
+if [ $failures -ne 0 ]; then
+    echo "$failures check(s) failed"
+    exit 1
+fi
+echo "ok: levi fit, resume, eval, predict and interrupt on MovieLens (3000-row subsample)"
+exit 0
