@@ -125,10 +125,11 @@ const float *levi_bert_hidden(const levi_bert *bert, int layer);
 /* B and S of the last forward (0 before any). */
 void levi_bert_last_shape(const levi_bert *bert, int *B, int *S);
 
-/* Bytes of the activation arenas: pure functions of the shapes, of whether each dropout is on
- * (its masks are kept only then) and of the OpenMP thread count (one attention scratch per
- * thread). Train mode keeps per layer ~10 [N,H] + 2 [N,I] + 1-2 [B,heads,S,S] floats (about
- * 880 MiB for MiniLM at 64 x 64 with dropout) plus backward buffers; inference keeps the L+1
+/* Bytes of the activation arenas: pure functions of the shapes, of whether hidden dropout is
+ * on (its masks are kept only then; attention dropout keeps none, its decisions are recomputed
+ * from a seed) and of the OpenMP thread count (one attention scratch per thread). Train mode
+ * keeps per layer ~10 [N,H] + 2 [N,I] + 1 [B,heads,S,S] floats (about 810 MiB for MiniLM at
+ * 64 x 64 with dropout) plus backward buffers; inference keeps the L+1
  * hidden states plus the scratch of one chunk of at most 8192 tokens (5 H + I floats per
  * token), about 96 MiB at 64 x 64. */
 size_t levi_bert_train_arena_bytes(const levi_bert_config *cfg, int B, int S, int hidden_dropout,
@@ -153,24 +154,6 @@ void levi_bert_backward(levi_bert *bert, const float *const *d_hidden, float *d_
  * out[B,H] (levi_meanpool_forward). The sentence-transformers embedding of MiniLM is
  * layer L, then L2-normalised. */
 void levi_bert_meanpool(const levi_bert *bert, int layer, float *out);
-
-/* ---------------------------------------------------------------------------------------
- * Internal kernels, declared for tests/test_bert.c only (not API; may change). They compute
- * what levi_gelu_* and levi_attention_* of ops.h compute, faster, and attention also takes
- * dropout multipliers pmask [B,NH,S,S] (NULL: none). Rows of q/k/v have stride ldin, of out
- * stride ldo (so Q, K, V can sit side by side in one [N, 3H] buffer); attention backward
- * OVERWRITES dq, dk, dv (stride ldd). scratch: threads * scratch_floats(S, HD) floats. */
-void levi__bert_gelu_forward(float *out, const float *inp, int64_t n);
-void levi__bert_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n);
-size_t levi__bert_attention_scratch_floats(int S, int NH, int HD);
-void levi__bert_attention_forward(float *out, int ldo, float *probs, const float *pmask,
-                                  const float *q, const float *k, const float *v, int ldin,
-                                  const int32_t *mask, int B, int S, int NH, int HD, float scale,
-                                  float *scratch);
-void levi__bert_attention_backward(float *dq, float *dk, float *dv, int ldd, const float *dout,
-                                   int ldo, const float *probs, const float *pmask, const float *q,
-                                   const float *k, const float *v, int ldin, const int32_t *mask,
-                                   int B, int S, int NH, int HD, float scale, float *scratch);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,8 @@
 /* levi ops: forward/backward kernel pairs over raw float pointers.
  *
  * Conventions (llm.c style):
- *  - shapes are written in the comment of each kernel; all tensors are row-major, contiguous;
+ *  - shapes are written in the comment of each kernel; all tensors are row-major and, unless a
+ *    kernel takes row strides, contiguous;
  *  - forward writes its output (overwrites) and saves what backward needs in buffers the
  *    caller provides;
  *  - backward ACCUMULATES (+=) into every gradient buffer; the training loop zeroes them;
@@ -9,8 +10,16 @@
  *    inputs that are data);
  *  - linear weights use PyTorch's layout [out_features, in_features], so safetensors from
  *    Hugging Face load without transposes.
+ * Buffers forward saves only for backward may be NULL when no backward follows:
+ *  - layer norm: mean and rstd (either or both);
+ *  - dropout: mask, when p == 0 (with p > 0 it is required, and so is the rng);
+ *  - attention: probs (then no backward), dropout_seed (also without dropout);
+ *  - cross-entropy: probs (loss only);
+ *  - batch norm: in training mode running_mean and running_var (no running update); in eval
+ *    mode mean and rstd (eval mode needs the running statistics).
  * Every kernel has a finite-difference gradient test in tests/test_ops.c.
- * Not for: shape checking of user input (callers validate), allocation (callers own buffers).
+ * Not for: shape checking of user input (callers validate; misuse asserts), allocation
+ * (callers own every buffer, scratch included).
  */
 #ifndef LEVI_OPS_H
 #define LEVI_OPS_H
@@ -32,42 +41,88 @@ void levi_linear_backward(float *dinp, float *dw, float *db, const float *dout, 
 void levi_embedding_forward(float *out, const int32_t *ids, const float *table, int64_t N, int V,
                             int C);
 /* dtable[ids[n], :] += dout[n, :]. */
-void levi_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int64_t N,
-                             int V, int C);
+void levi_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int64_t N, int V,
+                             int C);
 
-/* Layer norm over the last dim: out[N,C]; saves mean[N] and rstd[N]. w, b: [C]. */
+/* Layer norm over the last dim: out[N,C]; saves mean[N] and rstd[N] (may be NULL in
+ * inference). w, b: [C]. */
 void levi_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
                             const float *b, int64_t N, int C, float eps);
-void levi_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                             const float *inp, const float *w, const float *mean,
-                             const float *rstd, int64_t N, int C);
+void levi_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                             const float *w, const float *mean, const float *rstd, int64_t N,
+                             int C);
 
-/* GELU, erf form as BERT uses: x * 0.5 * (1 + erf(x / sqrt(2))). n elements. */
+/* GELU, erf form as BERT uses: x * 0.5 * (1 + erf(x / sqrt(2))). n elements. In place
+ * (out == inp) is allowed. Phi comes from polynomial approximations of erfc (Abramowitz &
+ * Stegun 7.1.28 forward, 7.1.26 backward): within 3e-7 (|x| + 1) of the exact function. */
 void levi_gelu_forward(float *out, const float *inp, int64_t n);
+/* dinp[n] += dout[n] * gelu'(inp[n]). */
 void levi_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n);
+/* The same gradient in place, for a caller that owns the gradient buffer:
+ * d[n] = d[n] * gelu'(inp[n]) turns dLoss/d out into dLoss/d inp without a second, zeroed
+ * buffer (OVERWRITES, the one exception to accumulation). */
+void levi_gelu_backward_inplace(float *d, const float *inp, int64_t n);
 
 /* ReLU. Backward uses the forward INPUT (out == inp in-place forward is allowed). */
 void levi_relu_forward(float *out, const float *inp, int64_t n);
 void levi_relu_backward(float *dinp, const float *inp, const float *dout, int64_t n);
 
 /* Inverted dropout with drop probability p: mask[n] holds 0 or 1/(1-p). p == 0 copies and
- * fills the mask with 1. */
+ * fills the mask with 1 (mask may then be NULL, and so may rng). */
 void levi_dropout_forward(float *out, float *mask, const float *inp, int64_t n, float p,
                           levi_rng *rng);
 void levi_dropout_backward(float *dinp, const float *dout, const float *mask, int64_t n);
 
-/* Multi-head softmax attention with a key padding mask, in the layout of Hugging Face BERT:
- * q, k, v, out: [B, S, NH*HD] (head h occupies columns h*HD .. h*HD+HD-1).
- * mask: [B, S], 1 for a real token, 0 for padding (padded keys get probability 0; padded
- *   query rows are still computed, as in the reference).
- * probs: [B, NH, S, S] softmax probabilities saved for backward; may be NULL in inference.
- * scale: usually 1/sqrt(HD). */
-void levi_attention_forward(float *out, float *probs, const float *q, const float *k,
-                            const float *v, const int32_t *mask, int B, int S, int NH, int HD,
-                            float scale);
-void levi_attention_backward(float *dq, float *dk, float *dv, const float *dout,
-                             const float *probs, const float *q, const float *k, const float *v,
-                             int B, int S, int NH, int HD, float scale);
+/* Multi-head softmax attention with a key padding mask, in the layout of Hugging Face BERT,
+ * with dropout on the probabilities as BertSelfAttention applies it in training:
+ *   out = dropout(softmax(q k^T * scale + mask bias)) v, per sequence and head.
+ *
+ * Geometry (levi_attention_params): B sequences of S tokens, NH heads of HD columns. Token t of
+ * sequence b is row b*S + t of q, k, v and out; head h occupies columns h*HD .. h*HD+HD-1 of a
+ * row. Rows are ldq, ldk, ldv, ldo floats apart (>= NH*HD), so Q, K, V may sit side by side in
+ * one packed [B*S, 3*NH*HD] buffer (k = q + NH*HD, v = q + 2*NH*HD, ldq = ldk = ldv =
+ * 3*NH*HD), and out may be a column block of a wider buffer. In backward, dq, dk, dv have the
+ * strides of q, k, v and dout that of out.
+ * mask: [B, S] int32, 1 for a real token, 0 for padding. Padded keys get probability exactly
+ *   0; padded query rows are still computed, as in the reference; a query row with no valid
+ *   key at all gets uniform probabilities 1/S (what Hugging Face's finfo.min bias gives),
+ *   never NaN. Keys after a sequence's last valid one cost no time.
+ * probs: [B, NH, S, S] softmax probabilities (before dropout) saved for backward; NULL when no
+ *   backward follows (inference).
+ * dropout (p.dropout in [0, 1)): each probability is zeroed with probability p.dropout and
+ *   the others scaled by 1/(1 - p.dropout). The decisions are a hash of a 64-bit seed and the
+ *   element's index [b, h, i, j], so backward recomputes them rather than reading a saved
+ *   [B, NH, S, S] mask: forward draws the seed from rng (one levi_rng_u64; rng is required
+ *   when p.dropout > 0) and stores it in *dropout_seed (may be NULL when no backward follows);
+ *   pass that value to backward. Same rng state, same decisions, for any thread count.
+ * scratch: work space of at least levi_attention_scratch_floats(S, NH, HD, 1) floats; the
+ *   kernels run on at most as many OpenMP threads as the scratch has per-thread slots
+ *   (levi_attention_scratch_floats(S, NH, HD, threads) serves `threads`). One scratch per
+ *   concurrent caller.
+ * Results do not depend on the thread count. Backward accumulates into dq, dk, dv (any may be
+ * NULL); padded keys and values receive exactly 0. */
+typedef struct levi_attention_params {
+    int B, S, NH, HD;       /* sequences, tokens per sequence, heads, head width */
+    int ldq, ldk, ldv, ldo; /* row strides in floats (>= NH*HD) */
+    float scale;            /* score scale, usually 1/sqrt(HD) */
+    float dropout;          /* drop probability on the attention probabilities; 0: none */
+} levi_attention_params;
+
+/* Contiguous rows (every stride NH*HD), scale 1/sqrt(HD), no dropout. */
+levi_attention_params levi_attention_default_params(int B, int S, int NH, int HD);
+/* Floats of scratch for `threads` threads (asserts S, NH, HD, threads > 0). */
+size_t levi_attention_scratch_floats(int S, int NH, int HD, int threads);
+
+void levi_attention_forward(float *out, float *probs, uint64_t *dropout_seed, const float *q,
+                            const float *k, const float *v, const int32_t *mask,
+                            levi_attention_params p, levi_rng *rng, float *scratch,
+                            size_t scratch_floats);
+/* probs and dropout_seed as the forward saved them (dropout_seed is ignored without dropout);
+ * mask and p as given to the forward. */
+void levi_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *probs,
+                             uint64_t dropout_seed, const float *q, const float *k, const float *v,
+                             const int32_t *mask, levi_attention_params p, float *scratch,
+                             size_t scratch_floats);
 
 /* Residual add: out[n] = a[n] + b[n]. Backward: da += dout; db += dout. */
 void levi_add_forward(float *out, const float *a, const float *b, int64_t n);
@@ -90,7 +145,7 @@ void levi_mse_backward(float *dpred, const float *pred, const float *target, int
                        float scale);
 
 /* Softmax cross-entropy over C classes: returns the mean over N of -log softmax(logits)[y];
- * saves probs[N,C]. targets in [0, C) (asserted).
+ * saves probs[N,C] (may be NULL: loss only). targets in [0, C) (asserted).
  * Backward: dlogits += scale * (probs - onehot(y)) / N. */
 float levi_crossentropy_forward(float *probs, const float *logits, const int32_t *targets,
                                 int64_t N, int C);
@@ -107,20 +162,21 @@ void levi_conv2d_backward(float *dinp, float *dw, float *db, float *col, const f
                           int KH, int KW, int stride, int pad);
 
 /* Batch norm over NCHW (per channel over B*H*W). Training mode uses batch statistics, saves
- * mean[C] and rstd[C], and updates running_mean/running_var (unbiased var) with momentum.
- * Eval mode (training == 0) uses the running statistics. w, b: [C]. */
+ * mean[C] and rstd[C], and updates running_mean/running_var (unbiased var) with momentum
+ * (either may be NULL: no update). Eval mode (training == 0) uses the running statistics
+ * (required) and fills mean/rstd from them when those are non-NULL. w, b: [C]. */
 void levi_batchnorm_forward(float *out, float *mean, float *rstd, float *running_mean,
                             float *running_var, const float *inp, const float *w, const float *b,
                             int B, int C, int HW, float eps, float momentum, int training);
 /* Backward of training mode. */
-void levi_batchnorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                             const float *inp, const float *w, const float *mean,
-                             const float *rstd, int B, int C, int HW);
+void levi_batchnorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                             const float *w, const float *mean, const float *rstd, int B, int C,
+                             int HW);
 
 /* Max pool, NCHW, square window k with stride s, no padding: out[B,C,OH,OW],
  * OH = (H - k)/s + 1; argmax[B*C*OH*OW] saves the flat input index of each max. */
-void levi_maxpool_forward(float *out, int32_t *argmax, const float *inp, int B, int C, int H,
-                          int W, int k, int s);
+void levi_maxpool_forward(float *out, int32_t *argmax, const float *inp, int B, int C, int H, int W,
+                          int k, int s);
 void levi_maxpool_backward(float *dinp, const float *dout, const int32_t *argmax, int B, int C,
                            int OH, int OW);
 
