@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "levi/core.h"
+
 /* Exit codes: documented in `levi --help`. */
 enum {
     LEVI_EXIT_OK = 0,
@@ -15,6 +17,10 @@ enum {
     LEVI_EXIT_INPUT = 3,        /* malformed or missing input file (data, spec, model) */
     LEVI_EXIT_INTERRUPTED = 130 /* SIGINT/SIGTERM: state saved, rerun to resume */
 };
+
+/* The exit code for a library status: bad arguments are usage errors, malformed or missing
+ * input is bad input, interruption is 130, anything else a failure. */
+int levi_cli_exit_code(levi_status st);
 
 int levi_cmd_encode(int argc, char **argv);
 int levi_cmd_fit(int argc, char **argv);

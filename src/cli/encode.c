@@ -98,23 +98,6 @@ static int parse_layers(const char *s, levi_featcache_params *p) {
     return p->n_layers > 0;
 }
 
-static int status_exit_code(levi_status st) {
-    switch (st) {
-    case LEVI_OK:
-        return LEVI_EXIT_OK;
-    case LEVI_ERR_ARG:
-        return LEVI_EXIT_USAGE;
-    case LEVI_ERR_FORMAT:
-    case LEVI_ERR_SHAPE:
-    case LEVI_ERR_NOT_FOUND:
-        return LEVI_EXIT_INPUT;
-    case LEVI_ERR_INTERRUPTED:
-        return LEVI_EXIT_INTERRUPTED;
-    default:
-        return LEVI_EXIT_FAILURE;
-    }
-}
-
 /* Reads the whole text file (or stdin) and splits it into NUL-terminated lines in place.
  * Every line must be non-empty, NUL-free, valid UTF-8; errors name path:line. */
 static int read_lines(const char *path, char **buf_out, char ***lines_out, int64_t *n_out) {
@@ -438,7 +421,7 @@ int levi_cmd_encode(int argc, char **argv) {
     free(buf);
     if (st != LEVI_OK) {
         fprintf(stderr, "levi encode: %s\n", err.msg);
-        return status_exit_code(st);
+        return levi_cli_exit_code(st);
     }
     fprintf(stderr,
             "levi encode: %lld texts, %d hidden states x %d, %lld tokens (longest %d; %lld "
@@ -462,7 +445,8 @@ int levi_cmd_encode(int argc, char **argv) {
     st = write_output(output, &info, model, &p, &err);
     if (st != LEVI_OK) {
         fprintf(stderr, "levi encode: %s\n", err.msg);
-        return status_exit_code(st) == LEVI_EXIT_USAGE ? LEVI_EXIT_FAILURE : status_exit_code(st);
+        return levi_cli_exit_code(st) == LEVI_EXIT_USAGE ? LEVI_EXIT_FAILURE
+                                                         : levi_cli_exit_code(st);
     }
     fprintf(stderr, "levi encode: wrote %s\n", output);
     return LEVI_EXIT_OK;

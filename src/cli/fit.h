@@ -61,8 +61,6 @@ typedef struct fit_context {
     double load_seconds, feature_seconds;
 } fit_context;
 
-/* Exit code of a library status. Statuses a user's files cause map to LEVI_EXIT_INPUT. */
-int fit_exit_code(levi_status st);
 /* Prints "levi <cmd>: <message>" to stderr and returns the exit code of err->status. */
 int fit_fail(const char *cmd, const levi_error *err);
 

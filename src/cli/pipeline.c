@@ -16,72 +16,17 @@
 #include <sys/stat.h>
 #include <time.h>
 
-/* The built-in spec of `levi fit movielens`: a copy of specs/movielens.json (the CLI must
- * work from any folder, so it carries it; tests/cli_errors.sh checks the two agree through
- * `levi fit movielens --print-spec`). */
-const char *const fit_movielens_spec =
-    "{\n"
-    "  \"name\": \"movielens-100k-genre\",\n"
-    "  \"description\": \"MovieLens-100K with the paper's genre (subpopulation) shift (LEVI, "
-    "ICML 2024, App. D.1). Inputs: user id, age, occupation, zip code, movie title, movie id; "
-    "label: rating. ID = movies with any top-5 genre; OOD groups = the other genres with at "
-    "least 200 OOD ratings.\",\n"
-    "  \"source\": {\n"
-    "    \"reader\": \"movielens\",\n"
-    "    \"path\": [\"${LEVI_DATA_DIR}/ml-100k\", \"${LEVI_CACHE}/data/ml-100k-recbole\"]\n"
-    "  },\n"
-    "  \"label\": {\"column\": \"rating\", \"task\": \"regression\"},\n"
-    "  \"categorical\": [\n"
-    "    \"user_id\",\n"
-    "    \"age\",\n"
-    "    \"occupation\",\n"
-    "    \"zip_code\",\n"
-    "    {\"column\": \"item_id\", \"mask_prob\": 0.2},\n"
-    "    {\"column\": \"title\", \"group_with\": \"item_id\"}\n"
-    "  ],\n"
-    "  \"text\": \"When the user id is {user_id}, the user occupation is {occupation}, the user "
-    "zipcode is {zip_code}, the movie title is {title}, and the movie id is {item_id}, what can "
-    "be the user rating on this movie?:\",\n"
-    "  \"shift\": {\n"
-    "    \"id\": {\"column\": \"genres\", \"multi_sep\": \"|\", \"any_of\": [\"Action\", "
-    "\"Comedy\", \"Drama\", \"Romance\", \"Thriller\"]},\n"
-    "    \"ood_groups\": [{\"by_value\": \"genres\", \"multi_sep\": \"|\", \"min_count\": 200}]\n"
-    "  },\n"
-    "  \"split\": {\"seed\": 0, \"train\": 0.8, \"val\": 0.1, \"test\": 0.1},\n"
-    "  \"expect\": {\n"
-    "    \"id_rows\": 91142,\n"
-    "    \"ood_rows\": 8858,\n"
-    "    \"ood_groups\": {\n"
-    "      \"Children's\": 2742, \"Animation\": 2059, \"Musical\": 1908, \"Horror\": 1686,\n"
-    "      \"Adventure\": 1556, \"Sci-Fi\": 1438, \"Documentary\": 700, \"Film-Noir\": 597,\n"
-    "      \"War\": 588, \"Western\": 581, \"Mystery\": 463, \"Crime\": 368\n"
-    "    }\n"
-    "  }\n"
-    "}\n";
-
-int fit_exit_code(levi_status st) {
-    switch (st) {
-    case LEVI_OK:
-        return LEVI_EXIT_OK;
-    case LEVI_ERR_ARG:
-        return LEVI_EXIT_USAGE;
-    case LEVI_ERR_FORMAT:
-    case LEVI_ERR_SHAPE:
-    case LEVI_ERR_NOT_FOUND:
-        return LEVI_EXIT_INPUT;
-    case LEVI_ERR_INTERRUPTED:
-        return LEVI_EXIT_INTERRUPTED;
-    default:
-        return LEVI_EXIT_FAILURE;
-    }
-}
+/* The built-in spec of `levi fit movielens`: specs/movielens.json, embedded at build time
+ * (CMake generates levi_builtin_specs.h) so the CLI works from any folder. */
+#include "levi_builtin_specs.h"
+const char *const fit_movielens_spec = levi_builtin_spec_movielens;
 
 int fit_fail(const char *cmd, const levi_error *err) {
     fprintf(stderr, "levi %s: %s\n", cmd, err->msg);
     if (err->status == LEVI_ERR_INTERRUPTED)
         fprintf(stderr, "levi %s: finished work is saved; run the same command again to resume\n",
                 cmd);
-    return fit_exit_code(err->status);
+    return levi_cli_exit_code(err->status);
 }
 
 int fit_path(char *out, size_t cap, const char *fmt, ...) {

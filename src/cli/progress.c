@@ -1,4 +1,5 @@
-/* Progress bar for long CLI work (feature extraction, training): rate and ETA on stderr.
+/* Helpers shared by the CLI's commands: the progress bar for long work (feature extraction,
+ * training) with rate and ETA on stderr, and the status-to-exit-code mapping.
  * Not for: library code, which reports progress through callbacks and prints nothing. */
 #include "cli.h"
 
@@ -81,4 +82,21 @@ void levi_progress_finish(levi_progress *p) {
     if (!p) return;
     if (!p->quiet) draw(p, NULL, 1);
     levi_free(p);
+}
+
+int levi_cli_exit_code(levi_status st) {
+    switch (st) {
+    case LEVI_OK:
+        return LEVI_EXIT_OK;
+    case LEVI_ERR_ARG:
+        return LEVI_EXIT_USAGE;
+    case LEVI_ERR_FORMAT:
+    case LEVI_ERR_SHAPE:
+    case LEVI_ERR_NOT_FOUND:
+        return LEVI_EXIT_INPUT;
+    case LEVI_ERR_INTERRUPTED:
+        return LEVI_EXIT_INTERRUPTED;
+    default:
+        return LEVI_EXIT_FAILURE;
+    }
 }
