@@ -6,6 +6,7 @@
 #include "report.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -338,9 +339,10 @@ static void fmt_ms(char *buf, size_t cap, double mean, double std) {
         snprintf(buf, cap, "%.3f", mean);
 }
 
-static void fmt_set(char *buf, size_t cap, const cJSON *method, const char *set) {
-    const cJSON *s =
-        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(method, "summary"), set);
+/* stats[set] as "mean ± std", or "-" when the set is absent. stats is a method's "summary"
+   or one entry of its "adapter_summary": both hold {"mean", "std"} per set name. */
+static void fmt_stat(char *buf, size_t cap, const cJSON *stats, const char *set) {
+    const cJSON *s = cJSON_GetObjectItemCaseSensitive(stats, set);
     if (!s) {
         snprintf(buf, cap, "-");
         return;
@@ -395,9 +397,10 @@ static void print_rule(FILE *f, const table_layout *t) {
 }
 
 /* A table held as rows of cells, printed with aligned columns. */
+#define TT_CELL 96 /* bytes of one cell, terminator included */
 typedef struct {
     int n_rows, n_cols;
-    char cells[64][MAX_COLS][96];
+    char cells[64][MAX_COLS][TT_CELL];
 } text_table;
 
 static void tt_print(FILE *f, const text_table *tt) {
@@ -419,6 +422,47 @@ static char *tt_cell(text_table *tt, int r, int c) {
     return tt->cells[r][c];
 }
 
+/* printf into cell (r, c), truncated to the cell's size. */
+static void tt_set(text_table *tt, int r, int c, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void tt_set(text_table *tt, int r, int c, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(tt_cell(tt, r, c), TT_CELL, fmt, ap);
+    va_end(ap);
+}
+
+/* n literal strings into cells (r, c0) .. (r, c0 + n - 1): header rows. */
+static void tt_texts(text_table *tt, int r, int c0, int n, const char *const *texts) {
+    for (int c = 0; c < n; c++) tt_set(tt, r, c0 + c, "%s", texts[c]);
+}
+
+/* stats[sets[k]] (see fmt_stat) into cells (r, c0 + k). */
+static void tt_stats(text_table *tt, int r, int c0, const cJSON *stats, int n,
+                     const char *const *sets) {
+    for (int k = 0; k < n; k++) fmt_stat(tt_cell(tt, r, c0 + k), TT_CELL, stats, sets[k]);
+}
+
+/* Our ID test and OOD of method m into cells (r, c0) and (r, c0 + 1). */
+static void tt_ours(text_table *tt, int r, int c0, const cJSON *m) {
+    static const char *const sets[] = {"id_test", "ood"};
+    tt_stats(tt, r, c0, cJSON_GetObjectItemCaseSensitive(m, "summary"), 2, sets);
+}
+
+static const char *const PAPER_HEADER[2] = {"ID (paper, T5x)", "OOD (paper, T5x)"};
+
+/* The paper's ID and OOD of row p (NULL: the paper has no such row, "-") into cells (r, c0)
+   and (r, c0 + 1). */
+static void tt_paper(text_table *tt, int r, int c0, const paper_row *p) {
+    if (p) {
+        fmt_paper(tt_cell(tt, r, c0), TT_CELL, &p->id);
+        fmt_paper(tt_cell(tt, r, c0 + 1), TT_CELL, &p->ood);
+    } else {
+        tt_set(tt, r, c0, "-");
+        tt_set(tt, r, c0 + 1, "-");
+    }
+}
+
 /* ---------------------------------------------------------------------------------------
  * Table 1 style: Method | ID | OOD (N groups) [| paper ID | paper OOD]. */
 static void table1(FILE *f, const cJSON *results) {
@@ -427,40 +471,27 @@ static void table1(FILE *f, const cJSON *results) {
     int paper = is_movielens(results);
     int ng = n_groups(results);
     tt->n_cols = paper ? 6 : 4;
-    snprintf(tt_cell(tt, 0, 0), 96, "Method");
-    snprintf(tt_cell(tt, 0, 1), 96, "ID %s (ours)", metric_label(results));
+    tt_set(tt, 0, 0, "Method");
+    tt_set(tt, 0, 1, "ID %s (ours)", metric_label(results));
     if (ng > 0)
-        snprintf(tt_cell(tt, 0, 2), 96, "OOD (%d group%s, ours)", ng, ng == 1 ? "" : "s");
+        tt_set(tt, 0, 2, "OOD (%d group%s, ours)", ng, ng == 1 ? "" : "s");
     else
-        snprintf(tt_cell(tt, 0, 2), 96, "OOD (ours)");
-    snprintf(tt_cell(tt, 0, 3), 96, "LR");
-    if (paper) {
-        snprintf(tt_cell(tt, 0, 4), 96, "ID (paper, T5x)");
-        snprintf(tt_cell(tt, 0, 5), 96, "OOD (paper, T5x)");
-    }
+        tt_set(tt, 0, 2, "OOD (ours)");
+    tt_set(tt, 0, 3, "LR");
+    if (paper) tt_texts(tt, 0, 4, 2, PAPER_HEADER);
     int r = 1;
     const cJSON *m;
     cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
         if (r >= 64) break;
         const char *name = str(m, "method");
-        snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(name));
-        fmt_set(tt_cell(tt, r, 1), 96, m, "id_test");
-        fmt_set(tt_cell(tt, r, 2), 96, m, "ood");
+        tt_set(tt, r, 0, "%s", levi_report_method_label(name));
+        tt_ours(tt, r, 1, m);
         double lr = num(m, "chosen_lr");
         if (strcmp(name, "bias") == 0 || !isfinite(lr))
-            snprintf(tt_cell(tt, r, 3), 96, "-");
+            tt_set(tt, r, 3, "-");
         else
-            snprintf(tt_cell(tt, r, 3), 96, "%g", lr);
-        if (paper) {
-            const paper_row *p = paper_row_of(name);
-            if (p) {
-                fmt_paper(tt_cell(tt, r, 4), 96, &p->id);
-                fmt_paper(tt_cell(tt, r, 5), 96, &p->ood);
-            } else {
-                snprintf(tt_cell(tt, r, 4), 96, "-");
-                snprintf(tt_cell(tt, r, 5), 96, "-");
-            }
-        }
+            tt_set(tt, r, 3, "%g", lr);
+        if (paper) tt_paper(tt, r, 4, paper_row_of(name));
         r++;
     }
     tt_print(f, tt);
@@ -524,32 +555,17 @@ static void md_table5(FILE *f, const cJSON *results) {
     if (!tt) return;
     fprintf(f, "## Table 5 style: ablations\n\n");
     tt->n_cols = paper ? 5 : 3;
-    snprintf(tt_cell(tt, 0, 0), 96, "Method");
-    snprintf(tt_cell(tt, 0, 1), 96, "ID (ours)");
-    snprintf(tt_cell(tt, 0, 2), 96, "OOD (ours)");
-    if (paper) {
-        snprintf(tt_cell(tt, 0, 3), 96, "ID (paper, T5x)");
-        snprintf(tt_cell(tt, 0, 4), 96, "OOD (paper, T5x)");
-    }
+    tt_texts(tt, 0, 0, 3, (const char *const[]){"Method", "ID (ours)", "OOD (ours)"});
+    if (paper) tt_texts(tt, 0, 3, 2, PAPER_HEADER);
     int r = 1;
     /* The paper's order: ablations A1..A5, then LEVI. */
     static const char *const order[] = {"a1", "a2", "a3", "a4", "a5", "levi"};
     for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
         cJSON_ArrayForEach(m, methods) {
             if (strcmp(str(m, "method"), order[k]) != 0) continue;
-            snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(order[k]));
-            fmt_set(tt_cell(tt, r, 1), 96, m, "id_test");
-            fmt_set(tt_cell(tt, r, 2), 96, m, "ood");
-            const paper_row *p = paper ? paper_row_of(order[k]) : NULL;
-            if (paper) {
-                if (p) {
-                    fmt_paper(tt_cell(tt, r, 3), 96, &p->id);
-                    fmt_paper(tt_cell(tt, r, 4), 96, &p->ood);
-                } else {
-                    snprintf(tt_cell(tt, r, 3), 96, "-");
-                    snprintf(tt_cell(tt, r, 4), 96, "-");
-                }
-            }
+            tt_set(tt, r, 0, "%s", levi_report_method_label(order[k]));
+            tt_ours(tt, r, 1, m);
+            if (paper) tt_paper(tt, r, 3, paper_row_of(order[k]));
             r++;
         }
     }
@@ -558,6 +574,56 @@ static void md_table5(FILE *f, const cJSON *results) {
           "of a fine-tuned T5x (Sec. D.4).\n\n",
           f);
     free(tt);
+}
+
+/* The per-group tables of md_groups: groups order[0..ng) in chunks of six columns like the
+   paper, one table per chunk. Rows: our methods (group sizes in the header), or with methods
+   NULL the paper's rows that have per-group numbers. */
+static void group_tables(FILE *f, text_table *tt, const cJSON *groups, const int *order, int ng,
+                         const cJSON *methods) {
+    const int per_table = 6;
+    for (int g0 = 0; g0 < ng; g0 += per_table) {
+        int g1 = g0 + per_table < ng ? g0 + per_table : ng;
+        memset(tt, 0, sizeof *tt);
+        tt->n_cols = 1 + g1 - g0;
+        tt_set(tt, 0, 0, "%s", methods ? "Method" : "Method (paper)");
+        for (int g = g0; g < g1; g++) {
+            const cJSON *gr = cJSON_GetArrayItem(groups, order[g]);
+            if (methods)
+                tt_set(tt, 0, 1 + g - g0, "%s (%.0f)", str(gr, "name"), num(gr, "n"));
+            else
+                tt_set(tt, 0, 1 + g - g0, "%s", str(gr, "name"));
+        }
+        int r = 1;
+        const cJSON *m;
+        cJSON_ArrayForEach(m, methods) {
+            if (r >= 64) break;
+            tt_set(tt, r, 0, "%s", levi_report_method_label(str(m, "method")));
+            const cJSON *summary = cJSON_GetObjectItemCaseSensitive(m, "summary");
+            for (int g = g0; g < g1; g++) {
+                char set[128];
+                snprintf(set, sizeof set, "ood/%s",
+                         str(cJSON_GetArrayItem(groups, order[g]), "name"));
+                fmt_stat(tt_cell(tt, r, 1 + g - g0), TT_CELL, summary, set);
+            }
+            r++;
+        }
+        for (int i = 0; !methods && i < N_PAPER_ROWS && r < 64; i++) {
+            const paper_row *p = &PAPER_ROWS[i];
+            if (!p->has_groups) continue;
+            tt_set(tt, r, 0, "%s", p->row);
+            for (int g = g0; g < g1; g++) {
+                int k = paper_group_index(str(cJSON_GetArrayItem(groups, order[g]), "name"));
+                if (k >= 0)
+                    fmt_paper(tt_cell(tt, r, 1 + g - g0), TT_CELL, &p->groups[k]);
+                else
+                    tt_set(tt, r, 1 + g - g0, "-");
+            }
+            r++;
+        }
+        tt_print(f, tt);
+        fputc('\n', f);
+    }
 }
 
 /* Tables 9/10 style: one column per OOD group, in chunks of six like the paper. */
@@ -570,7 +636,6 @@ static void md_groups(FILE *f, const cJSON *results) {
     int paper = is_movielens(results);
     fprintf(f, "## Tables 9/10 style: OOD %s per group\n\n", metric_label(results));
     fprintf(f, "Ours, mean ± std over seeds. Group sizes (rows) in the header.\n\n");
-    const int per_table = 6;
     /* Column order: the paper's (Table 9 then Table 10) when every group is one of its
        genres, so the two can be read side by side; otherwise the dataset's. */
     int order[64];
@@ -589,66 +654,19 @@ static void md_groups(FILE *f, const cJSON *results) {
     }
     text_table *tt = calloc(1, sizeof *tt);
     if (!tt) return;
-    for (int g0 = 0; g0 < ng; g0 += per_table) {
-        int g1 = g0 + per_table < ng ? g0 + per_table : ng;
-        memset(tt, 0, sizeof *tt);
-        tt->n_cols = 1 + g1 - g0;
-        snprintf(tt_cell(tt, 0, 0), 96, "Method");
-        for (int g = g0; g < g1; g++) {
-            const cJSON *gr = cJSON_GetArrayItem(groups, order[g]);
-            snprintf(tt_cell(tt, 0, 1 + g - g0), 96, "%s (%.0f)", str(gr, "name"), num(gr, "n"));
-        }
-        int r = 1;
-        const cJSON *m;
-        cJSON_ArrayForEach(m, methods) {
-            if (r >= 64) break;
-            snprintf(tt_cell(tt, r, 0), 96, "%s", levi_report_method_label(str(m, "method")));
-            for (int g = g0; g < g1; g++) {
-                char set[128];
-                snprintf(set, sizeof set, "ood/%s",
-                         str(cJSON_GetArrayItem(groups, order[g]), "name"));
-                fmt_set(tt_cell(tt, r, 1 + g - g0), 96, m, set);
-            }
-            r++;
-        }
-        tt_print(f, tt);
-        fputc('\n', f);
-    }
+    group_tables(f, tt, groups, order, ng, methods);
     if (paper) {
         /* The paper's numbers for the same groups, for the methods we ran that the paper
            also has, then LEVI's and the other paper rows for context. */
         fprintf(f, "Paper (T5x-small backbone; Tables 9 and 10), same groups, for reference:\n\n");
-        for (int g0 = 0; g0 < ng; g0 += per_table) {
-            int g1 = g0 + per_table < ng ? g0 + per_table : ng;
-            memset(tt, 0, sizeof *tt);
-            tt->n_cols = 1 + g1 - g0;
-            snprintf(tt_cell(tt, 0, 0), 96, "Method (paper)");
-            for (int g = g0; g < g1; g++)
-                snprintf(tt_cell(tt, 0, 1 + g - g0), 96, "%s",
-                         str(cJSON_GetArrayItem(groups, order[g]), "name"));
-            int r = 1;
-            for (int i = 0; i < N_PAPER_ROWS && r < 64; i++) {
-                const paper_row *p = &PAPER_ROWS[i];
-                if (!p->has_groups) continue;
-                snprintf(tt_cell(tt, r, 0), 96, "%s", p->row);
-                for (int g = g0; g < g1; g++) {
-                    int k = paper_group_index(str(cJSON_GetArrayItem(groups, order[g]), "name"));
-                    if (k >= 0)
-                        fmt_paper(tt_cell(tt, r, 1 + g - g0), 96, &p->groups[k]);
-                    else
-                        snprintf(tt_cell(tt, r, 1 + g - g0), 96, "-");
-                }
-                r++;
-            }
-            tt_print(f, tt);
-            fputc('\n', f);
-        }
+        group_tables(f, tt, groups, order, ng, NULL);
     }
     free(tt);
 }
 
 /* Per-adapter metrics of every method with more than one head. */
 static void md_adapters(FILE *f, const cJSON *results) {
+    static const char *const sets[] = {"id_val", "id_test", "ood"};
     const cJSON *m;
     int header = 0;
     cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
@@ -663,29 +681,17 @@ static void md_adapters(FILE *f, const cJSON *results) {
         text_table *tt = calloc(1, sizeof *tt);
         if (!tt) return;
         tt->n_cols = 4;
-        snprintf(tt_cell(tt, 0, 0), 96, "Adapter");
-        snprintf(tt_cell(tt, 0, 1), 96, "ID val");
-        snprintf(tt_cell(tt, 0, 2), 96, "ID test");
-        snprintf(tt_cell(tt, 0, 3), 96, "OOD");
+        tt_texts(tt, 0, 0, 4, (const char *const[]){"Adapter", "ID val", "ID test", "OOD"});
         int r = 1;
         const cJSON *a;
         cJSON_ArrayForEach(a, as) {
             if (r >= 64) break;
-            snprintf(tt_cell(tt, r, 0), 96, "%s", str(a, "name"));
-            static const char *const sets[] = {"id_val", "id_test", "ood"};
-            for (int k = 0; k < 3; k++) {
-                const cJSON *s = cJSON_GetObjectItemCaseSensitive(a, sets[k]);
-                if (s)
-                    fmt_ms(tt_cell(tt, r, 1 + k), 96, num(s, "mean"), num(s, "std"));
-                else
-                    snprintf(tt_cell(tt, r, 1 + k), 96, "-");
-            }
+            tt_set(tt, r, 0, "%s", str(a, "name"));
+            tt_stats(tt, r, 1, a, 3, sets);
             r++;
         }
-        snprintf(tt_cell(tt, r, 0), 96, "mean of adapters (the prediction)");
-        fmt_set(tt_cell(tt, r, 1), 96, m, "id_val");
-        fmt_set(tt_cell(tt, r, 2), 96, m, "id_test");
-        fmt_set(tt_cell(tt, r, 3), 96, m, "ood");
+        tt_set(tt, r, 0, "mean of adapters (the prediction)");
+        tt_stats(tt, r, 1, cJSON_GetObjectItemCaseSensitive(m, "summary"), 3, sets);
         tt_print(f, tt);
         fputc('\n', f);
         free(tt);
@@ -697,17 +703,15 @@ static void md_selection_and_times(FILE *f, const cJSON *results) {
     text_table *tt = calloc(1, sizeof *tt);
     if (!tt) return;
     tt->n_cols = 5;
-    snprintf(tt_cell(tt, 0, 0), 96, "Method");
-    snprintf(tt_cell(tt, 0, 1), 96, "ID val by LR");
-    snprintf(tt_cell(tt, 0, 2), 96, "chosen LR");
-    snprintf(tt_cell(tt, 0, 3), 96, "epochs (per seed)");
-    snprintf(tt_cell(tt, 0, 4), 96, "train s (all runs)");
+    tt_texts(tt, 0, 0, 5,
+             (const char *const[]){"Method", "ID val by LR", "chosen LR", "epochs (per seed)",
+                                   "train s (all runs)"});
     int r = 1;
     const cJSON *m;
     cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
         if (r >= 64) break;
         const char *name = str(m, "method");
-        snprintf(tt_cell(tt, r, 0), 96, "%s", name);
+        tt_set(tt, r, 0, "%s", name);
         char *c = tt_cell(tt, r, 1);
         size_t used = 0;
         const cJSON *lrs = cJSON_GetObjectItemCaseSensitive(m, "lr_grid");
@@ -716,17 +720,17 @@ static void md_selection_and_times(FILE *f, const cJSON *results) {
         if (strcmp(name, "bias") == 0) n = 0; /* no learning rate */
         for (int i = 0; i < n && used < 80; i++) {
             const cJSON *v = cJSON_GetArrayItem(vals, i);
-            used += (size_t)snprintf(c + used, 96 - used, "%s%g: %s", i ? ", " : "",
+            used += (size_t)snprintf(c + used, TT_CELL - used, "%s%g: %s", i ? ", " : "",
                                      cJSON_GetArrayItem(lrs, i)->valuedouble,
                                      cJSON_IsNumber(v) ? "" : "n/a");
             if (cJSON_IsNumber(v) && used < 90)
-                used += (size_t)snprintf(c + used, 96 - used, "%.3f", v->valuedouble);
+                used += (size_t)snprintf(c + used, TT_CELL - used, "%.3f", v->valuedouble);
         }
-        if (n == 0) snprintf(c, 96, "-");
+        if (n == 0) snprintf(c, TT_CELL, "-");
         if (strcmp(name, "bias") == 0)
-            snprintf(tt_cell(tt, r, 2), 96, "- (lambda chosen on ID val)");
+            tt_set(tt, r, 2, "- (lambda chosen on ID val)");
         else
-            snprintf(tt_cell(tt, r, 2), 96, "%g", num(m, "chosen_lr"));
+            tt_set(tt, r, 2, "%g", num(m, "chosen_lr"));
         char *e = tt_cell(tt, r, 3);
         used = 0;
         const cJSON *run;
@@ -734,11 +738,11 @@ static void md_selection_and_times(FILE *f, const cJSON *results) {
         cJSON_ArrayForEach(run, cJSON_GetObjectItemCaseSensitive(m, "runs")) {
             if (used >= 80) break;
             const cJSON *tr = cJSON_GetObjectItemCaseSensitive(run, "train");
-            used += (size_t)snprintf(e + used, 96 - used, "%s%.0f", k++ ? ", " : "",
+            used += (size_t)snprintf(e + used, TT_CELL - used, "%s%.0f", k++ ? ", " : "",
                                      num(tr, "epochs_run"));
         }
-        if (k == 0) snprintf(e, 96, "-");
-        snprintf(tt_cell(tt, r, 4), 96, "%.1f", num(m, "train_seconds"));
+        if (k == 0) snprintf(e, TT_CELL, "-");
+        tt_set(tt, r, 4, "%.1f", num(m, "train_seconds"));
         r++;
     }
     tt_print(f, tt);
@@ -765,13 +769,10 @@ static void md_paper_reference(FILE *f, const cJSON *results) {
     text_table *tt = calloc(1, sizeof *tt);
     if (!tt) return;
     tt->n_cols = 3;
-    snprintf(tt_cell(tt, 0, 0), 96, "Method (paper)");
-    snprintf(tt_cell(tt, 0, 1), 96, "ID");
-    snprintf(tt_cell(tt, 0, 2), 96, "OOD (12 genres)");
+    tt_texts(tt, 0, 0, 3, (const char *const[]){"Method (paper)", "ID", "OOD (12 genres)"});
     for (int i = 0; i < N_PAPER_ROWS; i++) {
-        snprintf(tt_cell(tt, i + 1, 0), 96, "%s", PAPER_ROWS[i].row);
-        fmt_paper(tt_cell(tt, i + 1, 1), 96, &PAPER_ROWS[i].id);
-        fmt_paper(tt_cell(tt, i + 1, 2), 96, &PAPER_ROWS[i].ood);
+        tt_set(tt, i + 1, 0, "%s", PAPER_ROWS[i].row);
+        tt_paper(tt, i + 1, 1, &PAPER_ROWS[i]);
     }
     tt_print(f, tt);
     free(tt);

@@ -57,6 +57,15 @@ static levi_status need_column(const levi_table *t, const char *name, int *col, 
                        levi_table_source(t), name, levi_table_column_list(t, list, sizeof list));
 }
 
+/* "<file>:<line>: <what>: expected <expected>, found <v quoted>": the error of a bad cell. */
+static levi_status cell_error(const levi_table *t, int64_t row, const char *what,
+                              const char *expected, const char *v, levi_error *err) {
+    char q[64];
+    return levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected %s, found %s",
+                       levi_table_source(t), (long long)levi_table_line(t, row), what, expected,
+                       levi__quote(v, q, sizeof q));
+}
+
 /* A positive integer id, unique within its file. */
 static levi_status check_id(const levi_table *t, int64_t row, int col, const char *what,
                             levi__strmap *seen, levi_error *err) {
@@ -64,10 +73,7 @@ static levi_status check_id(const levi_table *t, int64_t row, int col, const cha
     int64_t id;
     char q[64];
     if (!levi__parse_int64(v, &id) || id <= 0)
-        return levi_errorf(err, LEVI_ERR_FORMAT,
-                           "%s:%lld: %s: expected a positive integer, found %s",
-                           levi_table_source(t), (long long)levi_table_line(t, row), what,
-                           levi__quote(v, q, sizeof q));
+        return cell_error(t, row, what, "a positive integer", v, err);
     if (seen) {
         int64_t first = levi__strmap_put(seen, v, row);
         if (first != row)
@@ -84,22 +90,14 @@ static levi_status check_int(const levi_table *t, int64_t row, int col, const ch
                              levi_error *err) {
     const char *v = levi_table_cell(t, row, col);
     int64_t x;
-    char q[64];
-    if (levi__parse_int64(v, &x)) return LEVI_OK;
-    return levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected an integer, found %s",
-                       levi_table_source(t), (long long)levi_table_line(t, row), what,
-                       levi__quote(v, q, sizeof q));
+    return levi__parse_int64(v, &x) ? LEVI_OK : cell_error(t, row, what, "an integer", v, err);
 }
 
 static levi_status check_number(const levi_table *t, int64_t row, int col, const char *what,
                                 levi_error *err) {
     const char *v = levi_table_cell(t, row, col);
     double x;
-    char q[64];
-    if (levi__parse_double(v, &x)) return LEVI_OK;
-    return levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected a number, found %s",
-                       levi_table_source(t), (long long)levi_table_line(t, row), what,
-                       levi__quote(v, q, sizeof q));
+    return levi__parse_double(v, &x) ? LEVI_OK : cell_error(t, row, what, "a number", v, err);
 }
 
 /* Per-item strings the join copies into each rating row. */
@@ -107,6 +105,21 @@ typedef struct ml_items {
     levi__strmap index; /* item id -> row of the item table */
     const char **title, **genres;
 } ml_items;
+
+/* Room for n items: an empty index and NULL-terminated title and genre arrays. */
+static void ml_items_init(ml_items *it, int64_t n) {
+    levi__strmap_init(&it->index, (size_t)n);
+    it->title = calloc((size_t)n + 1, sizeof *it->title);
+    it->genres = calloc((size_t)n + 1, sizeof *it->genres);
+    LEVI_ASSERT(it->title && it->genres, "out of memory");
+}
+
+/* Frees what ml_items_init allocated (safe on a zeroed ml_items); not the strings. */
+static void ml_items_free(ml_items *it) {
+    free(it->title);
+    free(it->genres);
+    levi__strmap_free(&it->index);
+}
 
 /* The column indices of the users table and the ratings table used by the join. */
 typedef struct ml_cols {
@@ -254,10 +267,7 @@ levi_status levi_movielens_read_grouplens(const char *dir, levi_table **out, lev
     if ((st = read_headerless(p_item, '|', LEVI_ENCODING_LATIN1, nic, item_cols, &items, err)))
         goto done;
     int64_t ni = levi_table_num_rows(items);
-    levi__strmap_init(&it.index, (size_t)ni);
-    it.title = calloc((size_t)ni + 1, sizeof *it.title);
-    it.genres = calloc((size_t)ni + 1, sizeof *it.genres);
-    LEVI_ASSERT(it.title && it.genres, "out of memory");
+    ml_items_init(&it, ni);
     for (int64_t r = 0; r < ni; r++) {
         if ((st = check_id(items, r, 0, "item_id", &it.index, err))) goto done;
         /* A few u.item titles end in a space ("Two Friends (1986) "); trimmed so texts do not
@@ -300,9 +310,7 @@ done:
     levi_table_free(ratings);
     free(item_cols);
     free(tmp);
-    free(it.title);
-    free(it.genres);
-    levi__strmap_free(&it.index);
+    ml_items_free(&it);
     levi__strmap_free(&user_index);
     return st;
 }
@@ -332,10 +340,7 @@ levi_status levi_movielens_read_recbole(const char *dir, levi_table **out, levi_
         (st = need_column(items, "class", &i_class, err)))
         goto done;
     int64_t ni = levi_table_num_rows(items);
-    levi__strmap_init(&it.index, (size_t)ni);
-    it.title = calloc((size_t)ni + 1, sizeof *it.title);
-    it.genres = calloc((size_t)ni + 1, sizeof *it.genres);
-    LEVI_ASSERT(it.title && it.genres, "out of memory");
+    ml_items_init(&it, ni);
     for (int64_t r = 0; r < ni; r++) {
         if ((st = check_id(items, r, i_id, "item_id", &it.index, err))) goto done;
         /* RecBole splits u.item's "Title (1995)" into movie_title and release_year; it is
@@ -396,11 +401,9 @@ done:
     levi_table_free(items);
     levi_table_free(users);
     levi_table_free(ratings);
-    free(it.title);
-    free(it.genres);
+    ml_items_free(&it);
     free(scratch);
     free(tokens);
-    levi__strmap_free(&it.index);
     levi__strmap_free(&user_index);
     return st;
 }

@@ -91,9 +91,11 @@ static levi_status get_int(const cJSON *obj, const char *key, int lo, int hi, in
     return LEVI_OK;
 }
 
-/* Reads an array of integers into out (at most cap). */
-static levi_status get_int_array(const cJSON *obj, const char *key, int lo, int hi, int cap,
-                                 int *out, int *n, const char *where, levi_error *err) {
+/* Reads obj[key], an array of at most cap numbers, into out_int (integers in [lo, hi]) or,
+   when out_int is NULL, into out_float (finite numbers). */
+static levi_status get_num_array(const cJSON *obj, const char *key, int lo, int hi, int cap,
+                                 int *out_int, float *out_float, int *n, const char *where,
+                                 levi_error *err) {
     const cJSON *a = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!cJSON_IsArray(a))
         return levi_errorf(err, LEVI_ERR_FORMAT, "%s: config field '%s' is %s, expected an array",
@@ -104,15 +106,28 @@ static levi_status get_int_array(const cJSON *obj, const char *key, int lo, int 
         if (k >= cap)
             return levi_errorf(err, LEVI_ERR_FORMAT,
                                "%s: config field '%s' has more than %d entries", where, key, cap);
-        if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi) ||
-            v->valuedouble != floor(v->valuedouble))
-            return levi_errorf(err, LEVI_ERR_FORMAT,
-                               "%s: config field '%s'[%d] is not an integer in [%d, %d]", where,
-                               key, k, lo, hi);
-        out[k++] = (int)v->valuedouble;
+        if (out_int) {
+            if (!cJSON_IsNumber(v) || !(v->valuedouble >= lo && v->valuedouble <= hi) ||
+                v->valuedouble != floor(v->valuedouble))
+                return levi_errorf(err, LEVI_ERR_FORMAT,
+                                   "%s: config field '%s'[%d] is not an integer in [%d, %d]", where,
+                                   key, k, lo, hi);
+            out_int[k++] = (int)v->valuedouble;
+        } else {
+            if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
+                return levi_errorf(err, LEVI_ERR_FORMAT,
+                                   "%s: config field '%s'[%d] is not a number", where, key, k);
+            out_float[k++] = (float)v->valuedouble;
+        }
     }
     *n = k;
     return LEVI_OK;
+}
+
+/* Reads an array of integers in [lo, hi] into out (at most cap). */
+static levi_status get_int_array(const cJSON *obj, const char *key, int lo, int hi, int cap,
+                                 int *out, int *n, const char *where, levi_error *err) {
+    return get_num_array(obj, key, lo, hi, cap, out, NULL, n, where, err);
 }
 
 static levi_status get_float(const cJSON *obj, const char *key, float *out, const char *where,
@@ -127,23 +142,7 @@ static levi_status get_float(const cJSON *obj, const char *key, float *out, cons
 
 static levi_status get_float_array(const cJSON *obj, const char *key, int cap, float *out, int *n,
                                    const char *where, levi_error *err) {
-    const cJSON *a = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!cJSON_IsArray(a))
-        return levi_errorf(err, LEVI_ERR_FORMAT, "%s: config field '%s' is %s, expected an array",
-                           where, key, a ? "not an array" : "missing");
-    int k = 0;
-    const cJSON *v;
-    cJSON_ArrayForEach(v, a) {
-        if (k >= cap)
-            return levi_errorf(err, LEVI_ERR_FORMAT,
-                               "%s: config field '%s' has more than %d entries", where, key, cap);
-        if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
-            return levi_errorf(err, LEVI_ERR_FORMAT, "%s: config field '%s'[%d] is not a number",
-                               where, key, k);
-        out[k++] = (float)v->valuedouble;
-    }
-    *n = k;
-    return LEVI_OK;
+    return get_num_array(obj, key, 0, 0, cap, NULL, out, n, where, err);
 }
 
 levi_status levi__model_from_json(levi_model **out, const char *json, const char *where,

@@ -244,17 +244,24 @@ levi_status levi_bert_config_validate(const levi_bert_config *c, const char *whe
     return LEVI_OK;
 }
 
+/* Looks field up in root: *it is the item, NULL when absent; absent and required is an
+   error. The shared first step of the typed readers below, which set *out to the default
+   (or NULL) before it: on an error the only caller throws the whole config away. */
+static levi_status bert_json_field(const cJSON *root, const char *path, const char *field,
+                                   int required, const cJSON **it, levi_error *err) {
+    *it = cJSON_GetObjectItemCaseSensitive(root, field);
+    if (!*it && required)
+        return levi_errorf(err, LEVI_ERR_FORMAT, "%s: missing required field \"%s\"", path, field);
+    return LEVI_OK;
+}
+
 /* Integer field: required or defaulted; must be a JSON number with an integral value. */
 static levi_status bert_json_int(const cJSON *root, const char *path, const char *field,
                                  int required, int def, int *out, levi_error *err) {
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(root, field);
-    if (!it) {
-        if (required)
-            return levi_errorf(err, LEVI_ERR_FORMAT, "%s: missing required field \"%s\"", path,
-                               field);
-        *out = def;
-        return LEVI_OK;
-    }
+    const cJSON *it;
+    *out = def;
+    levi_status st = bert_json_field(root, path, field, required, &it, err);
+    if (st != LEVI_OK || !it) return st;
     if (!cJSON_IsNumber(it))
         return levi_errorf(err, LEVI_ERR_FORMAT, "%s: field \"%s\": expected an integer, found %s",
                            path, field,
@@ -272,14 +279,10 @@ static levi_status bert_json_int(const cJSON *root, const char *path, const char
 
 static levi_status bert_json_float(const cJSON *root, const char *path, const char *field,
                                    int required, float def, float *out, levi_error *err) {
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(root, field);
-    if (!it) {
-        if (required)
-            return levi_errorf(err, LEVI_ERR_FORMAT, "%s: missing required field \"%s\"", path,
-                               field);
-        *out = def;
-        return LEVI_OK;
-    }
+    const cJSON *it;
+    *out = def;
+    levi_status st = bert_json_field(root, path, field, required, &it, err);
+    if (st != LEVI_OK || !it) return st;
     if (!cJSON_IsNumber(it))
         return levi_errorf(err, LEVI_ERR_FORMAT, "%s: field \"%s\": expected a number", path,
                            field);
@@ -290,14 +293,10 @@ static levi_status bert_json_float(const cJSON *root, const char *path, const ch
 /* String field; *out points into the cJSON tree (NULL when absent and optional). */
 static levi_status bert_json_str(const cJSON *root, const char *path, const char *field,
                                  int required, const char **out, levi_error *err) {
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(root, field);
+    const cJSON *it;
     *out = NULL;
-    if (!it) {
-        if (required)
-            return levi_errorf(err, LEVI_ERR_FORMAT, "%s: missing required field \"%s\"", path,
-                               field);
-        return LEVI_OK;
-    }
+    levi_status st = bert_json_field(root, path, field, required, &it, err);
+    if (st != LEVI_OK || !it) return st;
     if (!cJSON_IsString(it))
         return levi_errorf(err, LEVI_ERR_FORMAT, "%s: field \"%s\": expected a string", path,
                            field);
