@@ -45,7 +45,7 @@ static void fit_usage(FILE *f) {
         "                       paper, 1e-4,1e-3,1e-2,1e-1; linear probing 1e-3..10)\n"
         "  --epochs N           at most N epochs per run (default 30)\n"
         "  --patience N         early stopping after N epochs without a better ID-val\n"
-        "                       metric (default 3)\n"
+        "                       metric (default 6)\n"
         "  --batch N            batch size (default 200)\n"
         "  --threads N          threads for kernels and BLAS (default: all cores, or\n"
         "                       OMP_NUM_THREADS)\n"

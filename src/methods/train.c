@@ -30,7 +30,7 @@ levi_train_params levi_train_default_params(void) {
     tp.lr = 1e-3f;
     tp.batch_size = 200;
     tp.max_epochs = 30;
-    tp.patience = 3;
+    tp.patience = 6;
     tp.seed = 0;
     tp.optimizer = LEVI_OPT_ADAM;
     return tp;
