@@ -435,6 +435,36 @@ static void test_shop_dataset(void **state) {
     levi_dataset_free(ds);
 }
 
+/* levi_spec_render_text (new rows at prediction time) gives the dataset's own texts, and a
+ * table without a template column is an error naming the file and the column. */
+static void test_render_text(void **state) {
+    (void)state;
+    levi_spec *s;
+    levi_dataset *ds = load_shop(&s);
+    levi_table *t;
+    levi_error e;
+    assert_int_equal(levi_spec_read_table(s, &t, &e), LEVI_OK);
+    const int64_t *src = levi_dataset_source_rows(ds);
+    for (int64_t i = 0; i < levi_dataset_num_rows(ds); i++) {
+        char *txt = NULL;
+        assert_int_equal(levi_spec_render_text(s, t, src[i], &txt, &e), LEVI_OK);
+        assert_string_equal(txt, levi_dataset_text(ds, i));
+        free(txt);
+    }
+    levi_table_free(t);
+    static const char rows[] = "user,item,category\nu9,i9,books\n";
+    levi_table_read_params p = levi_table_default_read_params();
+    assert_int_equal(levi_table_parse_delimited("new.csv", rows, sizeof rows - 1, &p, &t, &e),
+                     LEVI_OK);
+    char *txt = (char *)1;
+    assert_int_equal(levi_spec_render_text(s, t, 0, &txt, &e), LEVI_ERR_FORMAT);
+    assert_non_null(strstr(e.msg, "new.csv:1: expected a column \"price\""));
+    assert_null(txt);
+    levi_table_free(t);
+    levi_dataset_free(ds);
+    levi_spec_free(s);
+}
+
 static void test_masking(void **state) {
     (void)state;
     levi_dataset *ds = load_shop(NULL);
@@ -946,6 +976,7 @@ int main(void) {
         cmocka_unit_test(test_movielens_mini),
         cmocka_unit_test(test_movielens_errors),
         cmocka_unit_test(test_shop_dataset),
+        cmocka_unit_test(test_render_text),
         cmocka_unit_test(test_masking),
         cmocka_unit_test(test_spec_errors),
         cmocka_unit_test(test_spec_against_table),

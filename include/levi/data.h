@@ -207,6 +207,13 @@ typedef struct levi_numeric {
  * table's file and line), renders texts. */
 levi_status levi_dataset_init(const levi_spec *spec, const levi_table *table, levi_dataset **out,
                               levi_error *err);
+/* Renders the spec's text template for one row of a table with the spec's columns (e.g. new
+ * rows to predict for): the same text levi_dataset_init builds. *out is malloc'ed (free it);
+ * "" when the spec has no template. LEVI_ERR_FORMAT names the table's file and the missing
+ * column when the template uses a column the table lacks. */
+levi_status levi_spec_render_text(const levi_spec *s, const levi_table *t, int64_t row, char **out,
+                                  levi_error *err);
+
 /* levi_spec_read_table + levi_dataset_init. */
 levi_status levi_dataset_load(const levi_spec *spec, levi_dataset **out, levi_error *err);
 void levi_dataset_free(levi_dataset *ds);

@@ -2,8 +2,9 @@
  * predictions of a fitted method for new rows of the same schema. The training dataset is
  * rebuilt from <out-dir>/fit.json (for its vocabularies and numeric statistics), the new
  * rows' categorical values are mapped through those vocabularies (values never seen in
- * training go to the unknown slot 0), their texts are rendered with the spec's template saved
- * in <out-dir>/spec.json and encoded by the backbone (through the feature cache), and every
+ * training go to the unknown slot 0), their texts are rendered by the data layer with the
+ * fit's spec, as the training texts were, and encoded by the backbone (through the feature
+ * cache), and every
  * seed's checkpoint predicts; the output holds the mean over seeds and each seed's value.
  * Not for: training or evaluation (fit.c, eval.c); input rows need no label column. */
 #include "cli.h"
@@ -25,63 +26,6 @@ static void predict_usage(FILE *f) {
             "line per input row: row (0-based), prediction (mean over seeds), then each seed's\n"
             "prediction; for classification the predicted class and the mean probabilities.\n"
             "  --seed K     use only seed K's checkpoint\n");
-}
-
-/* ---------------------------------------------------------------------------------------
- * Text template of the spec: "{column}" is the cell, "{{" and "}}" are literal braces. */
-static levi_status render_template(const char *tpl, const levi_table *t, int64_t row, char **out,
-                                   levi_error *err) {
-    size_t cap = strlen(tpl) + 64, len = 0;
-    char *buf = malloc(cap);
-    if (!buf) return levi_errorf(err, LEVI_ERR_NOMEM, "out of memory rendering a text");
-    for (const char *p = tpl; *p;) {
-        const char *piece;
-        size_t n;
-        char name[256];
-        if (p[0] == '{' && p[1] == '{') {
-            piece = "{", n = 1, p += 2;
-        } else if (p[0] == '}' && p[1] == '}') {
-            piece = "}", n = 1, p += 2;
-        } else if (p[0] == '{') {
-            const char *close = strchr(p, '}');
-            size_t nl = close ? (size_t)(close - p - 1) : 0;
-            if (!close || nl == 0 || nl >= sizeof name) {
-                free(buf);
-                return levi_errorf(err, LEVI_ERR_FORMAT, "spec text template: unbalanced '{'");
-            }
-            memcpy(name, p + 1, nl);
-            name[nl] = 0;
-            int col = levi_table_find_column(t, name);
-            if (col < 0) {
-                char list[512];
-                free(buf);
-                return levi_errorf(err, LEVI_ERR_FORMAT,
-                                   "%s:1: expected a column \"%s\" (the spec's text template "
-                                   "uses it), found only: %s",
-                                   levi_table_source(t), name,
-                                   levi_table_column_list(t, list, sizeof list));
-            }
-            piece = levi_table_cell(t, row, col);
-            n = strlen(piece);
-            p = close + 1;
-        } else {
-            piece = p, n = 1, p++;
-        }
-        if (len + n + 1 > cap) {
-            cap = (len + n + 1) * 2;
-            char *nb = realloc(buf, cap);
-            if (!nb) {
-                free(buf);
-                return levi_errorf(err, LEVI_ERR_NOMEM, "out of memory rendering a text");
-            }
-            buf = nb;
-        }
-        memcpy(buf + len, piece, n);
-        len += n;
-    }
-    buf[len] = 0;
-    *out = buf;
-    return LEVI_OK;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -245,8 +189,8 @@ static void feature_progress(void *user, int64_t done, int64_t total, double tps
 }
 
 /* Categorical ids, numeric values and (when needed) features of the new rows. */
-static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table *in,
-                      const char *tpl, int need_feats, new_rows *r) {
+static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table *in, int need_feats,
+                      new_rows *r) {
     levi_error err = {0};
     levi_dataset *ds = ctx->ds;
     int64_t n = r->n = levi_table_num_rows(in);
@@ -309,7 +253,7 @@ static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table 
         char **texts = levi_xcalloc((size_t)n, sizeof *texts);
         levi_status st = LEVI_OK;
         for (int64_t i = 0; i < n && st == LEVI_OK; i++)
-            st = render_template(tpl, in, i, &texts[i], &err);
+            st = levi_spec_render_text(ctx->spec, in, i, &texts[i], &err);
         if (st == LEVI_OK) {
             printf("  text[0]: %s\n", texts[0]);
             const char *root = cfg->features;
@@ -345,45 +289,6 @@ static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table 
         td->yc = NULL;
     }
     (void)unknown_total;
-    return LEVI_EXIT_OK;
-}
-
-/* The template in <out>/spec.json, checked against the rebuilt training dataset: rendering its
- * first row here must give the dataset's own text, or predictions would see other texts. */
-static int load_template(const fit_config *cfg, fit_context *ctx, char **tpl_out) {
-    *tpl_out = NULL;
-    char p[FIT_PATH_MAX + 32];
-    fit_path(p, sizeof p, "%s/spec.json", cfg->out);
-    levi_error err = {0};
-    cJSON *spec = fit_read_json(p, &err);
-    if (!spec) return fit_fail("predict", &err);
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(spec, "text");
-    if (!cJSON_IsString(t)) {
-        cJSON_Delete(spec);
-        levi_errorf(&err, LEVI_ERR_FORMAT, "%s: text: expected the template string", p);
-        return fit_fail("predict", &err);
-    }
-    char *tpl = strdup(t->valuestring);
-    cJSON_Delete(spec);
-    levi_table *table = NULL;
-    levi_status st = levi_spec_read_table(ctx->spec, &table, &err);
-    if (st == LEVI_OK && levi_dataset_num_rows(ctx->ds) > 0) {
-        int64_t src = levi_dataset_source_rows(ctx->ds)[0];
-        char *mine = NULL;
-        st = render_template(tpl, table, src, &mine, &err);
-        if (st == LEVI_OK && strcmp(mine, levi_dataset_text(ctx->ds, 0)) != 0)
-            st = levi_errorf(&err, LEVI_ERR_FORMAT,
-                             "%s: text: the template renders training row 0 as \"%s\", but the "
-                             "dataset's text is \"%s\"",
-                             p, mine, levi_dataset_text(ctx->ds, 0));
-        free(mine);
-    }
-    levi_table_free(table);
-    if (st != LEVI_OK) {
-        free(tpl);
-        return fit_fail("predict", &err);
-    }
-    *tpl_out = tpl;
     return LEVI_EXIT_OK;
 }
 
@@ -439,14 +344,11 @@ int levi_cmd_predict(int argc, char **argv) {
         return rc;
     }
     int need_feats = fit_method_needs_features(method);
-    char *tpl = NULL;
     new_rows rows;
     memset(&rows, 0, sizeof rows);
-    if (need_feats) rc = load_template(&cfg, &ctx, &tpl);
     printf("predict: %lld rows from %s with %s\n", (long long)levi_table_num_rows(in), a.input,
            a.method);
-    if (rc == LEVI_EXIT_OK) rc = build_rows(&cfg, &ctx, in, tpl, need_feats, &rows);
-    free(tpl);
+    if (rc == LEVI_EXIT_OK) rc = build_rows(&cfg, &ctx, in, need_feats, &rows);
 
     int s0 = a.seed >= 0 ? a.seed : 0, s1 = a.seed >= 0 ? a.seed + 1 : cfg.seeds;
     int n_seeds = s1 - s0;

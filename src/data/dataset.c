@@ -438,6 +438,42 @@ static void build_vocab(levi_dataset *ds, int c, const char *name, const char *c
     ds->cats[c].vocab = vocab;
 }
 
+levi_status levi_spec_render_text(const levi_spec *s, const levi_table *t, int64_t row, char **out,
+                                  levi_error *err) {
+    *out = NULL;
+    size_t len = 1;
+    for (int k = 0; k < s->num_tpl; k++) {
+        if (s->tpl[k].literal) {
+            len += strlen(s->tpl[k].literal);
+            continue;
+        }
+        if (levi_table_find_column(t, s->tpl[k].column) < 0) {
+            char list[512];
+            return levi_errorf(err, LEVI_ERR_FORMAT,
+                               "%s:1: expected a column \"%s\" (the spec's text template uses it), "
+                               "found only: %s",
+                               levi_table_source(t), s->tpl[k].column,
+                               levi_table_column_list(t, list, sizeof list));
+        }
+        len += strlen(levi_table_cell(t, row, levi_table_find_column(t, s->tpl[k].column)));
+    }
+    char *buf = malloc(len);
+    if (!buf) return levi_errorf(err, LEVI_ERR_NOMEM, "out of memory rendering a text");
+    size_t w = 0;
+    for (int k = 0; k < s->num_tpl; k++) {
+        const char *piece =
+            s->tpl[k].literal
+                ? s->tpl[k].literal
+                : levi_table_cell(t, row, levi_table_find_column(t, s->tpl[k].column));
+        size_t n = strlen(piece);
+        memcpy(buf + w, piece, n);
+        w += n;
+    }
+    buf[w] = 0;
+    *out = buf;
+    return LEVI_OK;
+}
+
 static levi_status build_text(levi_dataset *ds, const levi_spec *s, const levi_table *t,
                               const int *cols, levi_error *err) {
     if (!s->num_tpl) {
