@@ -246,6 +246,20 @@ static void feature_progress(void *user, int64_t done, int64_t total, double tok
     levi_progress_update(bar, done, extra);
 }
 
+levi_status fit_extract_features(const fit_config *cfg, const char *const *texts, int64_t n,
+                                 levi_featcache_info *info, levi_features *out, levi_error *err) {
+    levi_featcache_params fp = levi_featcache_default_params();
+    fp.threads = cfg->threads;
+    fp.stop = &levi_cli_interrupted;
+    levi_progress *bar = levi_progress_start("features", n, "texts");
+    fp.progress = feature_progress;
+    fp.progress_user = bar;
+    levi_status st = levi_featcache_build(cfg->features, cfg->model, texts, n, &fp, info, err);
+    levi_progress_finish(bar);
+    if (st == LEVI_OK) st = levi_featcache_load(info->dir, NULL, 0, out, err);
+    return st;
+}
+
 static int need_features(const fit_config *cfg) {
     for (int i = 0; i < cfg->n_methods; i++)
         if (fit_method_needs_features(cfg->methods[i])) return 1;
@@ -290,17 +304,9 @@ static int build_features(const fit_config *cfg, const char *cmd, fit_context *c
         return fit_fail(cmd, &err);
     }
     for (int64_t i = 0; i < n; i++) texts[i] = levi_dataset_text(ctx->ds, i);
-    const char *root = cfg->features;
-    levi_featcache_params fp = levi_featcache_default_params();
-    fp.threads = cfg->threads;
-    fp.stop = &levi_cli_interrupted;
-    levi_progress *bar = levi_progress_start("features", n, "texts");
-    fp.progress = feature_progress;
-    fp.progress_user = bar;
     double t0 = levi_now();
-    levi_status st = levi_featcache_build(root, cfg->model, texts, n, &fp, &ctx->feat_info, &err);
+    levi_status st = fit_extract_features(cfg, texts, n, &ctx->feat_info, &ctx->feats, &err);
     free(texts);
-    levi_progress_finish(bar);
     if (st != LEVI_OK) {
         levi_error_prefix(&err, "backbone features (model %s): ", cfg->model);
         return fit_fail(cmd, &err);
@@ -314,8 +320,6 @@ static int build_features(const fit_config *cfg, const char *cmd, fit_context *c
                ctx->feat_info.chunks_computed, ctx->feat_info.chunks_computed == 1 ? "" : "s",
                ctx->feat_info.chunks_reused, ctx->feat_info.dir, ctx->feat_info.seconds,
                (long long)ctx->feat_info.truncated);
-    if ((st = levi_featcache_load(ctx->feat_info.dir, NULL, 0, &ctx->feats, &err)) != LEVI_OK)
-        return fit_fail(cmd, &err);
     ctx->has_features = 1;
     ctx->feature_seconds = levi_now() - t0;
     return LEVI_EXIT_OK;

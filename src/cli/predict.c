@@ -181,13 +181,6 @@ static void new_rows_free(new_rows *r) {
     levi_features_free(&r->feats);
 }
 
-static void feature_progress(void *user, int64_t done, int64_t total, double tps) {
-    (void)total;
-    char extra[64];
-    snprintf(extra, sizeof extra, "%.0f tok/s", tps);
-    levi_progress_update(user, done, extra);
-}
-
 /* Categorical ids, numeric values and (when needed) features of the new rows. */
 static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table *in, int need_feats,
                       new_rows *r) {
@@ -256,18 +249,8 @@ static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table 
             st = levi_spec_render_text(ctx->spec, in, i, &texts[i], &err);
         if (st == LEVI_OK) {
             printf("  text[0]: %s\n", texts[0]);
-            const char *root = cfg->features;
-            levi_featcache_params fp = levi_featcache_default_params();
-            fp.threads = cfg->threads;
-            fp.stop = &levi_cli_interrupted;
-            levi_progress *bar = levi_progress_start("features", n, "texts");
-            fp.progress = feature_progress;
-            fp.progress_user = bar;
             levi_featcache_info info;
-            st = levi_featcache_build(root, cfg->model, (const char *const *)texts, n, &fp, &info,
-                                      &err);
-            levi_progress_finish(bar);
-            if (st == LEVI_OK) st = levi_featcache_load(info.dir, NULL, 0, &r->feats, &err);
+            st = fit_extract_features(cfg, (const char *const *)texts, n, &info, &r->feats, &err);
         }
         for (int64_t i = 0; i < n; i++) free(texts[i]);
         levi_free(texts);
