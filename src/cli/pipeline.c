@@ -16,10 +16,28 @@
 #include <sys/stat.h>
 #include <time.h>
 
-/* The built-in spec of `levi fit movielens`: specs/movielens.json, embedded at build time
+/* The built-in specs (`levi fit movielens`, ...): specs/<name>.json, embedded at build time
  * (CMake generates levi_builtin_specs.h) so the CLI works from any folder. */
 #include "levi_builtin_specs.h"
-const char *const fit_movielens_spec = levi_builtin_spec_movielens;
+
+const char *fit_builtin_spec(const char *name) {
+    for (int i = 0; levi_builtin_specs[i].name; i++)
+        if (strcmp(levi_builtin_specs[i].name, name) == 0) return levi_builtin_specs[i].text;
+    return NULL;
+}
+
+void fit_print_builtins(FILE *f) {
+    for (int i = 0; levi_builtin_specs[i].name; i++) {
+        /* The first sentence of the spec's own description, so --help cannot go stale. */
+        cJSON *doc = cJSON_Parse(levi_builtin_specs[i].text);
+        const cJSON *d = cJSON_GetObjectItemCaseSensitive(doc, "description");
+        const char *desc = cJSON_IsString(d) ? d->valuestring : "";
+        int len = (int)strcspn(desc, ".(");
+        while (len > 0 && desc[len - 1] == ' ') len--;
+        fprintf(f, "  %-20s %.*s\n", levi_builtin_specs[i].name, len, desc);
+        cJSON_Delete(doc);
+    }
+}
 
 int fit_fail(const char *cmd, const levi_error *err) {
     fprintf(stderr, "levi %s: %s\n", cmd, err->msg);
@@ -282,10 +300,18 @@ static int load_spec(const fit_config *cfg, const char *cmd, fit_context *ctx) {
         st = levi_spec_load(cfg->spec_path, &ctx->spec, &err);
         snprintf(ctx->spec_json_path, sizeof ctx->spec_json_path, "%s", cfg->spec_path);
     } else {
-        ctx->spec_text = strdup(fit_movielens_spec);
-        snprintf(ctx->spec_json_path, sizeof ctx->spec_json_path, "<built-in movielens spec>");
-        st = levi_spec_parse(fit_movielens_spec, strlen(fit_movielens_spec), ctx->spec_json_path,
-                             NULL, &ctx->spec, &err);
+        const char *text = fit_builtin_spec(cfg->target);
+        if (!text) {
+            levi_errorf(&err, LEVI_ERR_NOT_FOUND,
+                        "%s: no such built-in dataset (expected a spec file or one of the "
+                        "names listed by levi fit --help)",
+                        cfg->target);
+            return fit_fail(cmd, &err);
+        }
+        ctx->spec_text = strdup(text);
+        snprintf(ctx->spec_json_path, sizeof ctx->spec_json_path, "<built-in %.64s spec>",
+                 cfg->target);
+        st = levi_spec_parse(text, strlen(text), ctx->spec_json_path, NULL, &ctx->spec, &err);
     }
     if (st != LEVI_OK) {
         if (st == LEVI_ERR_IO) err.status = LEVI_ERR_NOT_FOUND;
@@ -542,7 +568,7 @@ cJSON *fit_results_header(const fit_config *cfg, const fit_context *ctx, const c
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "format", "levi-results");
     cJSON_AddNumberToObject(r, "version", 1);
-    cJSON_AddStringToObject(r, "task", cfg->spec_path[0] ? levi_spec_name(ctx->spec) : "movielens");
+    cJSON_AddStringToObject(r, "task", cfg->spec_path[0] ? levi_spec_name(ctx->spec) : cfg->target);
     int cls = levi_dataset_task(ctx->ds) == LEVI_TASK_CLASSIFICATION;
     cJSON_AddStringToObject(r, "metric", cls ? "accuracy" : "rmse");
     cJSON_AddBoolToObject(r, "lower_is_better", !cls);
