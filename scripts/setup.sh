@@ -32,7 +32,8 @@ say() { printf '[setup] %s\n' "$*"; }
 
 # --- 1. Debian build dependencies ------------------------------------------------------
 apt_pkgs=(build-essential cmake pkg-config libopenblas-dev libcjson-dev libutf8proc-dev
-          libcmocka-dev libssl-dev unzip python3-pip)
+          libcmocka-dev libssl-dev libzip-dev zlib1g-dev libjpeg-dev dataset-fashion-mnist
+          unzip python3-pip)
 if [ "$do_apt" = 1 ]; then
     missing=()
     for p in "${apt_pkgs[@]}"; do
