@@ -54,6 +54,8 @@ static void print_usage(FILE *f) {
             "                             metrics and reports without training\n"
             "  predict <out-dir>          predict ratings for new rows with a fitted method\n"
             "  encode                     extract and cache the backbone's per-layer features\n"
+            "  synthetic appb|e8          the paper's synthetic studies: App. B's linear\n"
+            "                             example (Table 6) and E.8's spurious features\n"
             "\n"
             "`levi <command> --help` describes each command's options.\n"
             "\n"
@@ -80,11 +82,15 @@ typedef struct {
 } command;
 
 static const command commands[] = {
-    {"fit", levi_cmd_fit},
-    {"eval", levi_cmd_eval},
-    {"predict", levi_cmd_predict},
-    {"encode", levi_cmd_encode},
+    {"fit", levi_cmd_fit},       {"eval", levi_cmd_eval},           {"predict", levi_cmd_predict},
+    {"encode", levi_cmd_encode}, {"synthetic", levi_cmd_synthetic},
 };
+#define N_COMMANDS (sizeof commands / sizeof commands[0])
+
+/* "fit, eval, ..." from the table, so error messages cannot go stale. */
+static void print_command_names(FILE *f) {
+    for (size_t i = 0; i < N_COMMANDS; i++) fprintf(f, "%s%s", i ? ", " : "", commands[i].name);
+}
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -95,14 +101,15 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "help") == 0) {
         /* `levi help fit` is `levi fit --help`. */
         if (strcmp(cmd, "help") == 0 && argc > 2) {
-            for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+            for (size_t i = 0; i < N_COMMANDS; i++) {
                 if (strcmp(argv[2], commands[i].name) == 0) {
                     char *sub_argv[] = {argv[2], "--help", NULL};
                     return commands[i].run(2, sub_argv);
                 }
             }
-            fprintf(stderr, "levi: unknown command '%s' (commands: fit, eval, predict, encode)\n",
-                    argv[2]);
+            fprintf(stderr, "levi: unknown command '%s' (commands: ", argv[2]);
+            print_command_names(stderr);
+            fputs(")\n", stderr);
             return LEVI_EXIT_USAGE;
         }
         print_usage(stdout);
@@ -112,7 +119,7 @@ int main(int argc, char **argv) {
         printf("levi %s\n", LEVI_VERSION_STRING);
         return LEVI_EXIT_OK;
     }
-    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+    for (size_t i = 0; i < N_COMMANDS; i++) {
         if (strcmp(cmd, commands[i].name) == 0) {
             install_signal_handlers();
             /* Subcommands see argv[0] = their own name, like getopt-style tools expect. */
@@ -121,10 +128,10 @@ int main(int argc, char **argv) {
     }
     if (cmd[0] == '-')
         fprintf(stderr, "levi: unknown option '%s' (expected a command; see levi --help)\n", cmd);
-    else
-        fprintf(stderr,
-                "levi: unknown command '%s' (expected one of: fit, eval, predict, encode; see "
-                "levi --help)\n",
-                cmd);
+    else {
+        fprintf(stderr, "levi: unknown command '%s' (expected one of: ", cmd);
+        print_command_names(stderr);
+        fputs("; see levi --help)\n", stderr);
+    }
     return LEVI_EXIT_USAGE;
 }
