@@ -50,6 +50,7 @@ char *levi__config_to_json(const levi_model *m) {
                             hp->ensemble == LEVI_ENSEMBLE_LOGIT ? "logit" : "prob");
     cJSON_AddNumberToObject(root, "standardize", hp->standardize);
     cJSON_AddNumberToObject(root, "unseen_to_unknown", hp->unseen_to_unknown);
+    cJSON_AddNumberToObject(root, "feature_dropout", hp->feature_dropout);
     int cols[64], nc = 0;
     for (int c = 0; c < 64; c++)
         if (hp->bias_cols >> c & 1) cols[nc++] = c;
@@ -195,6 +196,9 @@ levi_status levi__model_from_json(levi_model **out, const char *json, const char
                         err));
     TRY(get_int(root, "standardize", 0, 1, &hp.standardize, where, err));
     TRY(get_int(root, "unseen_to_unknown", 0, 1, &hp.unseen_to_unknown, where, err));
+    /* Absent in checkpoints written before the field existed: no dropout. */
+    if (cJSON_GetObjectItemCaseSensitive(root, "feature_dropout"))
+        TRY(get_float(root, "feature_dropout", &hp.feature_dropout, where, err));
     TRY(get_int_array(root, "bias_cols", 0, 63, 64, tmp, &n, where, err));
     for (int i = 0; i < n; i++) hp.bias_cols |= (uint64_t)1 << tmp[i];
     TRY(get_float_array(root, "bias_lambda", LEVI_MAX_GRID, hp.bias_lambda, &hp.n_bias_lambda,

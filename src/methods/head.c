@@ -77,9 +77,11 @@ levi_head_params levi_head_default_params(levi_method method) {
     hp.bias_sweeps = 20;
     switch (method) {
     case LEVI_METHOD_LEVI:
+        hp.feature_dropout = 0.5f;
         break;
     case LEVI_METHOD_A3:
         hp.use_small = 0;
+        hp.feature_dropout = 0.5f;
         break;
     case LEVI_METHOD_A4:
         hp.feature_adapters = 0;
@@ -98,6 +100,7 @@ levi_head_params levi_head_default_params(levi_method method) {
     case LEVI_METHOD_LAYER:
         hp.n_layer_list = 1;
         hp.layer_list[0] = -1;
+        hp.feature_dropout = 0.5f;
         break;
     case LEVI_METHOD_BIAS:
         hp.use_small = 0;
@@ -223,6 +226,10 @@ static levi_status validate_head_params(const levi_head_params *hp, const levi_t
                                    c, d->n_cat);
         return LEVI_OK;
     }
+    if (!(hp->feature_dropout >= 0.0f && hp->feature_dropout < 1.0f))
+        return levi_errorf(err, LEVI_ERR_ARG,
+                           "head params: feature_dropout = %g, expected 0 <= p < 1",
+                           (double)hp->feature_dropout);
     if (hp->use_small) {
         if (hp->emb_dim < 1 && d->n_cat > 0)
             return levi_errorf(err, LEVI_ERR_ARG, "head params: emb_dim = %d < 1", hp->emb_dim);
@@ -802,7 +809,18 @@ void levi__gather_batch(levi_model *m, const levi_task_data *d, const int64_t *r
             }
         }
     }
-    if (m->n_used_layers > 0) gather_features(m, d, rows, B, w->g);
+    if (m->n_used_layers > 0) {
+        gather_features(m, d, rows, B, w->g);
+        float p = m->hp.feature_dropout;
+        if (mask_rng && p > 0.0f) {
+            /* Inverted dropout: the expected input of an adapter is the same at training and
+               at prediction time (where nothing is dropped). */
+            float keep = 1.0f / (1.0f - p);
+            size_t n = (size_t)B * (size_t)m->n_used_layers * (size_t)m->feat_dim;
+            for (size_t i = 0; i < n; i++)
+                w->g[i] = levi_rng_uniform(mask_rng) < p ? 0.0f : w->g[i] * keep;
+        }
+    }
     if (labels) {
         for (int64_t b = 0; b < B; b++) {
             if (m->n_classes == 0)
