@@ -1,32 +1,17 @@
 /* Benchmark: forward throughput of levi's BERT encoder in inference mode, all hidden states,
  * at MiniLM-L6 shapes with random weights (no model file needed).
  *
- * For: comparing against ../shared/bench/pytorch/bench_encoder.py (same shapes, same FLOP
- * formula, same warmup/median protocol); bench/run_encoder.sh runs both, interleaved.
+ * For: comparing against bench/pytorch/bench_encoder.py (same shapes, same FLOP formula,
+ * same warmup/median protocol); bench/run.sh runs both, interleaved (case b).
  * Not for: accuracy (tests/test_bert.c), or training-mode speed.
  *
  * Usage: bench_encoder [--threads 1] [--batch 64] [--seq 64] [--iters 10] [--warmup 2]
  *                      [--pad F]   (F: fraction of each sequence that is padding, default 0)
  */
+#include "bench_common.h"
 #include "levi/bert.h"
 
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-/* Process CPU seconds: cpu/wall near the thread count means the run had the cores to itself;
- * well below means other processes took them and the figures are unreliable. */
-static double cpu_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static int arg_int(int argc, char **argv, int *i, int min) {
     if (*i + 1 >= argc) {
@@ -93,7 +78,7 @@ int main(int argc, char **argv) {
     double *ts = malloc((size_t)iters * sizeof *ts);
     double c0 = 0, w0 = 0;
     for (int i = 0; i < warmup + iters; i++) {
-        if (i == warmup) c0 = cpu_seconds(), w0 = levi_now();
+        if (i == warmup) c0 = bench_cpu_seconds(), w0 = levi_now();
         double t0 = levi_now();
         if (levi_bert_forward(m, ids, mask, NULL, B, S, &fp, &err) != LEVI_OK) {
             fprintf(stderr, "bench_encoder: %s\n", err.msg);
@@ -101,11 +86,11 @@ int main(int argc, char **argv) {
         }
         if (i >= warmup) ts[i - warmup] = levi_now() - t0;
     }
-    const double cpu_wall = (cpu_seconds() - c0) / (levi_now() - w0);
+    const double cpu_wall = (bench_cpu_seconds() - c0) / (levi_now() - w0);
     // Keep the result observable so nothing can be optimised away.
     volatile float sink = levi_bert_hidden(m, cfg.layers)[0];
     (void)sink;
-    qsort(ts, (size_t)iters, sizeof *ts, cmp_double);
+    qsort(ts, (size_t)iters, sizeof *ts, bench_cmp_double);
     const double med = ts[iters / 2], best = ts[0];
     const double D = cfg.hidden, FF = cfg.intermediate, L = cfg.layers;
     // Same formula as bench_encoder.py: projections + FFN + QK^T and AV, 2 FLOP per MAC.
@@ -117,6 +102,8 @@ int main(int argc, char **argv) {
            "seq/s, %.0f tok/s, %.1f GFLOP/s | cpu/wall=%.2f\n",
            med * 1e3, B / med, B * S / med, gflop / med, best * 1e3, B / best, B * S / best,
            gflop / best, cpu_wall);
+    bench_result("b", threads, "tok/s", B * S / med, gflop / med, cpu_wall,
+                 " best=%.4g gflop_per_batch=%.2f batch=%d seq=%d", B * S / best, gflop, B, S);
     free(ts), free(ids), free(mask);
     levi_bert_free(m);
     return 0;

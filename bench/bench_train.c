@@ -1,6 +1,7 @@
 /* Training-throughput benchmark of the cached-feature LEVI step, in the shapes of
- * ../shared/bench/pytorch/bench_train.py so the two can be compared as a ratio: 6 categorical
- * columns (vocabularies 943, 1682, 21, 61, 800, 1682) embedded in 32 dims -> MLP 192-512-256
+ * bench/pytorch/bench_train.py (a copy of ../shared/bench/pytorch/bench_train.py) so the two can be
+ * compared as a ratio: 6 categorical columns (vocabularies 943, 1682, 21, 61, 800, 1682) embedded
+ * in 32 dims -> MLP 192-512-256
  * -> 6 adapters (640-256-1) on 6 frozen 384-d layer features, MSE averaged over adapters,
  * Adam, batch 200, random data of 100,000 examples, batches sliced from one permutation
  * exactly as the PyTorch script does.
@@ -11,31 +12,16 @@
  * the library's internal step functions.
  * Not for: correctness (tests/test_levi.c) or real data.
  */
+#include "bench_common.h"
 #include "levi/levi.h"
 
 #include "../src/methods/head_internal.h"
 
 #include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 enum { NCAT = 6, EMB = 32, H1 = 512, H2 = 256, NL = 6, FD = 384, AH = 256 };
 static const int32_t VOCABS[NCAT] = {943, 1682, 21, 61, 800, 1682};
-
-/* Process CPU seconds: on a shared machine wall time includes other people's work; at one
- * thread, CPU time per step is the cost of the step itself (cpu/wall as PyTorch's script). */
-static double cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 /* An approximately normal number from one 64-bit draw (sum of four 16-bit uniforms):
  * generating 230 M Box-Muller normals would take longer than the benchmark. */
@@ -70,8 +56,8 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (threads < 1 || steps < 200 || warmup < 0 || batch < 1 || n <= batch) {
-        fprintf(stderr, "bad arguments: threads >= 1, steps >= 200, n-examples > batch\n");
+    if (threads < 1 || steps < 1 || warmup < 0 || batch < 1 || n <= batch) {
+        fprintf(stderr, "bad arguments: threads >= 1, steps >= 1, n-examples > batch\n");
         return 2;
     }
     levi_set_num_threads(threads);
@@ -124,27 +110,36 @@ int main(int argc, char **argv) {
     int64_t B = batch;
     float loss = 0;
     for (int s = 0; s < warmup; s++) loss = levi_trainer_step(t, perm + (s * B) % (n - B), B);
-    int nlaps = steps / 200;
+    /* Laps of 200 steps as the PyTorch script (fewer steps, as in smoke tests: one lap). */
+    const int lap_len = steps >= 200 ? 200 : steps;
+    int nlaps = steps / lap_len;
     double *laps = malloc(sizeof(double) * (size_t)nlaps);
-    double t0 = levi_now(), lap = t0, c0 = cpu_now();
+    double t0 = levi_now(), lap = t0, c0 = bench_cpu_seconds();
     for (int s = 0; s < steps; s++) {
         loss = levi_trainer_step(t, perm + (s * B) % (n - B), B);
-        if ((s + 1) % 200 == 0) {
+        if ((s + 1) % lap_len == 0 && (s + 1) / lap_len <= nlaps) {
             double now = levi_now();
-            laps[(s + 1) / 200 - 1] = 200.0 / (now - lap);
+            laps[(s + 1) / lap_len - 1] = lap_len / (now - lap);
             lap = now;
         }
     }
-    double dt = levi_now() - t0, cpu_wall = (cpu_now() - c0) / dt;
+    double dt = levi_now() - t0, cpu_wall = (bench_cpu_seconds() - c0) / dt;
     double fwd_macs = (double)(EMB * NCAT * H1 + H1 * H2) + NL * ((double)(H2 + FD) * AH + AH);
     double flop_step = 3.0 * 2.0 * fwd_macs * (double)B;
-    qsort(laps, (size_t)nlaps, sizeof(double), cmp_double);
+    qsort(laps, (size_t)nlaps, sizeof(double), bench_cmp_double);
     printf("levi threads=%d adapters=%s params=%zu batch=%d steps=%d\n", threads,
            m->fused_first ? "fused" : "per-adapter", levi_model_n_params(m), batch, steps);
     printf("steps/s=%.1f  examples/s=%.0f  ms/step=%.2f  ~GFLOP/s=%.1f  per-200-step-lap steps/s "
            "min/median/max=%.1f/%.1f/%.1f  cpu/wall=%.2f  final loss=%.3f\n",
            steps / dt, steps * (double)B / dt, dt / steps * 1e3, flop_step * steps / dt * 1e-9,
            laps[0], laps[nlaps / 2], laps[nlaps - 1], cpu_wall, (double)loss);
+    /* FLOPs per step: 3 x the forward's multiply-adds x 2 (forward + ~2x for backward), the
+     * formula of bench_train.py; gathers, ReLU, the loss and Adam are not counted. */
+    bench_result("a", threads, "steps/s", steps / dt, flop_step * steps / dt * 1e-9, cpu_wall,
+                 " examples_per_s=%.0f lap_median=%.2f gflop_per_step=%.3f batch=%d steps=%d "
+                 "loss=%.4f",
+                 steps * (double)B / dt, laps[nlaps / 2], flop_step * 1e-9, batch, steps,
+                 (double)loss);
 
     if (profile) {
         /* The same step, phase by phase (mirrors levi_trainer_step), in process CPU time. */
@@ -158,19 +153,19 @@ int main(int argc, char **argv) {
         int ps = steps < 1000 ? steps : 1000;
         for (int s = 0; s < ps; s++) {
             const int64_t *rows = perm + (s * B) % (n - B);
-            double a = cpu_now();
+            double a = bench_cpu_seconds();
             levi_params_zero_grad(levi_model_params(m));
-            double b = cpu_now();
+            double b = bench_cpu_seconds();
             levi__gather_batch(m, &d, rows, B, &mr, 1);
-            double c = cpu_now();
+            double c = bench_cpu_seconds();
             levi__forward(m, B);
-            double e = cpu_now();
+            double e = bench_cpu_seconds();
             levi__loss(m, B);
-            double f = cpu_now();
+            double f = bench_cpu_seconds();
             levi__backward(m, B);
-            double g = cpu_now();
+            double g = bench_cpu_seconds();
             levi_optim_step(o);
-            double h = cpu_now();
+            double h = bench_cpu_seconds();
             ph[0] += b - a, ph[1] += c - b, ph[2] += e - c, ph[3] += f - e, ph[4] += g - f,
                 ph[5] += h - g;
         }
