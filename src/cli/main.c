@@ -8,6 +8,7 @@
 
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -92,7 +93,24 @@ static void print_command_names(FILE *f) {
     for (size_t i = 0; i < N_COMMANDS; i++) fprintf(f, "%s%s", i ? ", " : "", commands[i].name);
 }
 
+/* OpenMP's worker threads spin after each parallel loop by default, stealing the cores that
+ * OpenBLAS's own threads need for the GEMM that follows (measured at 2 threads: the encoder
+ * ran ~20% and the LEVI step ~2x slower than with PASSIVE). libgomp reads the policy once,
+ * before main, so the only way to set it for users who did not is to set it and re-execute
+ * this program once. An explicit OMP_WAIT_POLICY is respected; if the re-exec fails we go on
+ * with the default policy. */
+static void ensure_passive_openmp(char **argv) {
+#ifdef _OPENMP
+    if (getenv("OMP_WAIT_POLICY")) return;
+    if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
+    execv("/proc/self/exe", argv);
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char **argv) {
+    ensure_passive_openmp(argv);
     if (argc < 2) {
         print_usage(stderr);
         return LEVI_EXIT_USAGE;
