@@ -3,7 +3,9 @@
  * inference forward, freezing and early stopping of backward, and parity with Hugging Face
  * (tests/ref/bert, from tests/ref/gen_bert_ref.py): all hidden states, the sentence-
  * transformers embedding, parameter and input gradients, and a perturbed weight that must
- * make the parity check fail.
+ * make the parity check fail. LoRA: finite-difference gradients of A and B (dropout on), B = 0
+ * leaves the model bit-identical, merging and saving a Hugging Face folder give the unmerged
+ * forward, and a LoRA forward of MiniLM matches explicit torch code (tests/ref/bert/lora.st).
  * Without LEVI_MODEL_DIR the model-free tests still run; the binary then exits 77 (skipped)
  * when they pass, so the missing input stays visible. */
 #include "levi/bert.h"
@@ -513,6 +515,205 @@ static void test_open(void **state) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * LoRA */
+
+/* Fills every LoRA B with small random values (B = 0 would hide A's gradient and the update). */
+static void lora_randomize_b(levi_bert *m, uint64_t seed, float scale) {
+    levi_params *p = levi_bert_params(m);
+    levi_rng r;
+    levi_rng_seed(&r, seed);
+    for (int i = 0; i < p->count; i++)
+        if (strstr(p->items[i].name, ".lora_B.")) {
+            float *d = levi_params_data(p, i);
+            for (size_t e = 0; e < p->items[i].numel; e++) d[e] = scale * levi_rng_normal(&r);
+        }
+}
+
+static size_t trainable_of(const levi_params *p, const char *needle, int want) {
+    size_t n = 0;
+    for (int i = 0; i < p->count; i++)
+        if (p->items[i].trainable == want && (!needle || strstr(p->items[i].name, needle)))
+            n += p->items[i].numel;
+    return n;
+}
+
+/* B = 0 changes nothing (bit for bit); parameter counts; merge, save, load and unmerge. */
+static void test_lora_identity_merge_save(void **state) {
+    (void)state;
+    levi_bert_config c = tiny_config();
+    levi_rng r;
+    levi_rng_seed(&r, 21);
+    levi_error err = {0};
+    levi_bert *m = levi_bert_init_random(&c, &r, &err);
+    assert_non_null(m);
+    const size_t n = (size_t)TB * TS * c.hidden;
+    float *base = malloc(n * sizeof(float) * (c.layers + 1)), *lora = malloc(n * sizeof(float));
+    assert_int_equal(levi_bert_forward(m, tiny_ids, tiny_mask, tiny_types, TB, TS, NULL, &err),
+                     LEVI_OK);
+    for (int l = 0; l <= c.layers; l++) memcpy(base + l * n, levi_bert_hidden(m, l), n * 4);
+    const size_t n_base = levi_bert_params(m)->numel;
+    float *w0 = malloc(n_base * sizeof(float));
+    memcpy(w0, levi_bert_params(m)->data, n_base * sizeof(float));
+
+    levi_bert_lora_params lp = levi_bert_lora_default_params();
+    assert_int_equal(lp.rank, 8);
+    assert_int_equal(lp.targets, LEVI_LORA_QUERY | LEVI_LORA_VALUE);
+    lp.rank = 3, lp.alpha = 5.0f;
+    assert_int_equal(levi_bert_lora_parse_targets("all", &lp.targets, &err), LEVI_OK);
+    assert_int_equal(levi_bert_lora_parse_targets("query,bogus", &lp.targets, &err), LEVI_ERR_ARG);
+    assert_non_null(strstr(err.msg, "bogus"));
+    lp.targets = 0x3f;
+    levi_bert_lora_params bad = lp;
+    bad.rank = 33; // more than the 32 of hidden
+    assert_int_equal(levi_bert_lora_add(m, &bad, &r, &err), LEVI_ERR_ARG);
+    printf("rank too large: %s\n", err.msg);
+    bad = lp, bad.dropout = 0.1f;
+    assert_int_equal(levi_bert_lora_add(m, &bad, &r, &err), LEVI_ERR_ARG);
+    assert_int_equal(levi_bert_lora_add(m, &lp, &r, &err), LEVI_OK);
+    const levi_params *p = levi_bert_params(m);
+    // Every layer: r * (in + out) per target: 4 of [H,H], [I,H] and [H,I].
+    const size_t want = (size_t)c.layers * lp.rank *
+                        (4 * 2 * (size_t)c.hidden + 2 * ((size_t)c.hidden + c.intermediate));
+    assert_int_equal(levi_bert_lora_param_count(&c, &lp), want);
+    assert_int_equal(levi_params_count_trainable(p), want);
+    assert_int_equal(trainable_of(p, ".lora_", 1), want);
+    assert_int_equal(trainable_of(p, NULL, 0), n_base);
+    assert_true(memcmp(p->data, w0, n_base * sizeof(float)) == 0);
+    // A is Kaiming-uniform: inside +-1/sqrt(in) and not all zero.
+    const float *a0 =
+        levi_params_data(p, levi_params_find(p, "encoder.layer.0.output.dense.lora_A.weight"));
+    double amax = max_abs(a0, (int64_t)lp.rank * c.intermediate);
+    assert_true(amax > 0.5 / sqrt(c.intermediate) && amax <= 1.0 / sqrt(c.intermediate));
+
+    assert_int_equal(levi_bert_forward(m, tiny_ids, tiny_mask, tiny_types, TB, TS, NULL, &err),
+                     LEVI_OK);
+    for (int l = 0; l <= c.layers; l++)
+        assert_true(memcmp(levi_bert_hidden(m, l), base + l * n, n * 4) == 0);
+    printf("LoRA with B = 0: every hidden state bit-identical to the base model\n");
+
+    lora_randomize_b(m, 5, 0.2f);
+    assert_int_equal(levi_bert_forward(m, tiny_ids, tiny_mask, tiny_types, TB, TS, NULL, &err),
+                     LEVI_OK);
+    memcpy(lora, levi_bert_hidden(m, c.layers), n * 4);
+    const double moved = levi_test_max_abs_diff(lora, base + c.layers * n, (int64_t)n);
+    assert_true(moved > 1e-2);
+    levi_bert_lora_merge(m);
+    assert_int_equal(levi_bert_forward(m, tiny_ids, tiny_mask, tiny_types, TB, TS, NULL, &err),
+                     LEVI_OK);
+    const double merged = levi_test_max_abs_diff(levi_bert_hidden(m, c.layers), lora, (int64_t)n);
+    printf("LoRA moved the output by %.2e; merged vs unmerged forward: max-abs %.2e\n", moved,
+           merged);
+    assert_true(merged < 1e-5);
+    float *merged_out = malloc(n * 4);
+    memcpy(merged_out, levi_bert_hidden(m, c.layers), n * 4);
+    levi_bert_lora_unmerge(m);
+    double wdiff = levi_test_max_abs_diff(levi_bert_params(m)->data, w0, (int64_t)n_base);
+    printf("unmerge restores the base weights within %.2e\n", wdiff);
+    assert_true(wdiff < 1e-6);
+
+    // A saved folder (LoRA merged into the base names) loads and gives the merged forward.
+    char dir[4096];
+    levi_test_tmpdir(dir, sizeof dir);
+    assert_int_equal(levi_bert_save(m, dir, NULL, &err), LEVI_OK);
+    levi_bert *m2 = levi_bert_open(dir, &err);
+    if (!m2) printf("open of the saved folder: %s\n", err.msg);
+    assert_non_null(m2);
+    assert_int_equal(levi_bert_params(m2)->numel, n_base);
+    assert_int_equal(levi_bert_lora_get(m2, NULL), 0);
+    assert_true(memcmp(levi_bert_get_config(m2), &c, sizeof c) == 0);
+    assert_int_equal(levi_bert_forward(m2, tiny_ids, tiny_mask, tiny_types, TB, TS, NULL, &err),
+                     LEVI_OK);
+    assert_true(memcmp(levi_bert_hidden(m2, c.layers), merged_out, n * 4) == 0);
+    const double saved = levi_test_max_abs_diff(levi_bert_hidden(m2, c.layers), lora, (int64_t)n);
+    printf("saved folder vs in-memory LoRA forward: max-abs %.2e (merged forward: identical)\n",
+           saved);
+    assert_true(saved < 1e-5);
+    // copy_from without a vocab.txt is an error naming it.
+    assert_int_equal(levi_bert_save(m, dir, dir, &err), LEVI_ERR_IO);
+    assert_non_null(strstr(err.msg, "vocab.txt"));
+    char path[4200];
+    const char *files[] = {"config.json", "model.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        remove(path);
+    }
+    rmdir(dir);
+    levi_bert_free(m2);
+    free(merged_out);
+    free(w0);
+    free(base);
+    free(lora);
+    levi_bert_free(m);
+}
+
+/* Central differences for LoRA A and B of every target kind, dropout on; base tensors get no
+ * gradient at all. */
+static void test_lora_gradcheck(void **state) {
+    (void)state;
+    levi_bert_config c = tiny_config();
+    levi_rng r;
+    levi_rng_seed(&r, 22);
+    levi_error err = {0};
+    levi_bert *m = levi_bert_init_random(&c, &r, &err);
+    assert_non_null(m);
+    levi_bert_lora_params lp = levi_bert_lora_default_params();
+    lp.rank = 2, lp.alpha = 3.0f, lp.targets = 0x3f;
+    assert_int_equal(levi_bert_lora_add(m, &lp, &r, &err), LEVI_OK);
+    lora_randomize_b(m, 6, 0.3f);
+    levi_params *p = levi_bert_params(m);
+    const float ph = 0.1f, pa = 0.15f;
+    float **d = field_grads(&c, TB, TS);
+    levi_params_zero_grad(p);
+    train_forward(m, ph, pa, 77);
+    levi_bert_backward(m, (const float *const *)d, NULL, 0);
+    for (int i = 0; i < p->count; i++)
+        if (!strstr(p->items[i].name, ".lora_"))
+            assert_true(max_abs(levi_params_grad(p, i), (int64_t)p->items[i].numel) == 0.0);
+    const char *names[] = {
+        "encoder.layer.0.attention.self.query.lora_A.weight",
+        "encoder.layer.0.attention.self.query.lora_B.weight",
+        "encoder.layer.1.attention.self.key.lora_A.weight",
+        "encoder.layer.2.attention.self.value.lora_B.weight",
+        "encoder.layer.1.attention.output.dense.lora_A.weight",
+        "encoder.layer.0.attention.output.dense.lora_B.weight",
+        "encoder.layer.2.intermediate.dense.lora_A.weight",
+        "encoder.layer.1.intermediate.dense.lora_B.weight",
+        "encoder.layer.0.output.dense.lora_A.weight",
+        "encoder.layer.2.output.dense.lora_B.weight",
+    };
+    double worst = 0;
+    levi_rng pick;
+    levi_rng_seed(&pick, 4);
+    for (size_t t = 0; t < sizeof names / sizeof names[0]; t++) {
+        int idx = levi_params_find(p, names[t]);
+        assert_true(idx >= 0);
+        float *w = levi_params_data(p, idx), *g = levi_params_grad(p, idx);
+        for (int trial = 0; trial < 4; trial++) {
+            size_t e = levi_rng_below(&pick, (uint32_t)p->items[idx].numel);
+            const float w0 = w[e], h = 1e-2f;
+            w[e] = w0 + h;
+            train_forward(m, ph, pa, 77);
+            double lp_ = field_loss(m);
+            w[e] = w0 - h;
+            train_forward(m, ph, pa, 77);
+            double lm = field_loss(m);
+            w[e] = w0;
+            double fd = (lp_ - lm) / (2.0 * h);
+            double rel = fabs(fd - g[e]) / fmax(1.0, fabs(fd));
+            if (rel > worst) worst = rel;
+            if (rel > 2e-2)
+                printf("lora gradcheck %s[%zu]: analytic %.6g, numeric %.6g\n", names[t], e, g[e],
+                       fd);
+        }
+    }
+    printf("LoRA gradcheck (dropout on): worst |analytic - numeric| / max(1, |numeric|) = %.2e\n",
+           worst);
+    assert_true(worst < 2e-2);
+    free_grads(d, c.layers);
+    levi_bert_free(m);
+}
+
+/* ---------------------------------------------------------------------------------------
  * Parity with Hugging Face (needs LEVI_MODEL_DIR and tests/ref/bert) */
 
 typedef struct {
@@ -806,6 +1007,71 @@ static void test_perturbed_weight_fails(void **state) {
     assert_true(good < TOL_HIDDEN);
 }
 
+/* MiniLM with LoRA on query, value, attention.output.dense and output.dense (rank 4, alpha 8,
+ * A and B from rfield as gen_bert_ref.py makes them) vs explicit torch code. */
+static void test_lora_parity(void **state) {
+    (void)state;
+    parity_require();
+    levi_error err = {0};
+    levi_st_file *ref = levi_st_open(levi_test_source_path("tests/ref/bert/lora.st"), &err);
+    if (!ref) fail_msg("cannot open the LoRA reference: %s", err.msg);
+    const char *model_dir = levi_test_env_path("LEVI_MODEL_DIR");
+    levi_bert *m = levi_bert_open(model_dir, &err);
+    assert_non_null(m);
+    const levi_bert_config *c = levi_bert_get_config(m);
+    levi_bert_lora_params lp = levi_bert_lora_default_params();
+    lp.rank = 4, lp.alpha = 8.0f;
+    lp.targets = LEVI_LORA_QUERY | LEVI_LORA_VALUE | LEVI_LORA_ATTN_OUTPUT | LEVI_LORA_OUTPUT;
+    levi_rng r;
+    levi_rng_seed(&r, 0);
+    assert_int_equal(levi_bert_lora_add(m, &lp, &r, &err), LEVI_OK);
+    levi_params *p = levi_bert_params(m);
+    static const struct {
+        int t;
+        const char *module;
+    } targets[] = {{0, "attention.self.query"},
+                   {2, "attention.self.value"},
+                   {3, "attention.output.dense"},
+                   {5, "output.dense"}};
+    char name[160];
+    for (int l = 0; l < c->layers; l++)
+        for (int k = 0; k < 4; k++)
+            for (int ab = 0; ab < 2; ab++) {
+                snprintf(name, sizeof name, "encoder.layer.%d.%s.lora_%c.weight", l,
+                         targets[k].module, ab ? 'B' : 'A');
+                int idx = levi_params_find(p, name);
+                assert_true(idx >= 0);
+                float *d = levi_params_data(p, idx);
+                for (uint32_t i = 0; i < p->items[idx].numel; i++)
+                    d[i] = 0.1f * rfield((ab ? 2000 : 1000) + 16 * l + targets[k].t, i);
+            }
+    assert_int_equal(levi_bert_forward(m, P.ids, P.mask, P.types, P.B, P.S, NULL, &err), LEVI_OK);
+    const int layers[2] = {3, c->layers};
+    double worst = 0;
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof name, "hidden.%d", layers[i]);
+        const levi_tensor *t = levi_st_find(ref, name);
+        assert_non_null(t);
+        assert_int_equal(levi_tensor_numel(t), (int64_t)P.B * P.S * c->hidden);
+        double dd =
+            levi_test_max_abs_diff(levi_bert_hidden(m, layers[i]), t->data, levi_tensor_numel(t));
+        // The update must be visible: the base model's hidden state differs from the reference.
+        double moved = levi_test_max_abs_diff(ref_f32(name, NULL), t->data, levi_tensor_numel(t));
+        printf("LoRA %s vs torch: max-abs %.2e (LoRA moved it by %.2e)\n", name, dd, moved);
+        assert_true(moved > 100 * TOL_HIDDEN);
+        worst = fmax(worst, dd);
+    }
+    assert_true(worst < TOL_HIDDEN);
+    // For the transformers check of a saved folder (gen_bert_ref.py --check-saved DIR).
+    const char *save = getenv("LEVI_LORA_SAVE_DIR");
+    if (save && *save) {
+        assert_int_equal(levi_bert_save(m, save, model_dir, &err), LEVI_OK);
+        printf("saved the LoRA-merged model to %s\n", save);
+    }
+    levi_st_close(ref);
+    levi_bert_free(m);
+}
+
 int main(void) {
     const struct CMUnitTest free_tests[] = {
         cmocka_unit_test(test_config_parse),
@@ -815,6 +1081,8 @@ int main(void) {
         cmocka_unit_test(test_freeze_and_skip),
         cmocka_unit_test(test_forward_errors),
         cmocka_unit_test(test_open),
+        cmocka_unit_test(test_lora_identity_merge_save),
+        cmocka_unit_test(test_lora_gradcheck),
     };
     int failed = cmocka_run_group_tests_name("bert (no model needed)", free_tests, NULL, NULL);
     const char *model = levi_test_env_path("LEVI_MODEL_DIR");
@@ -832,7 +1100,7 @@ int main(void) {
     const struct CMUnitTest model_tests[] = {
         cmocka_unit_test(test_hidden_parity),          cmocka_unit_test(test_sentence_embedding),
         cmocka_unit_test(test_gradient_parity),        cmocka_unit_test(test_layer_input_grads),
-        cmocka_unit_test(test_perturbed_weight_fails),
+        cmocka_unit_test(test_perturbed_weight_fails), cmocka_unit_test(test_lora_parity),
     };
     failed += cmocka_run_group_tests_name("bert parity with Hugging Face", model_tests, NULL, NULL);
     levi_bert_free(P.m);

@@ -93,6 +93,65 @@ void levi_bert_freeze_layers(levi_bert *bert, int first, int last);
 void levi_bert_freeze_embeddings(levi_bert *bert);
 
 /* ---------------------------------------------------------------------------------------
+ * LoRA (Hu et al. 2022, as peft's LoraLayer computes it): a target weight W [out, in] of every
+ * layer gets a low-rank update, y = x W^T + b + (alpha / r) * (x A^T) B^T, with A [r, in]
+ * initialised Kaiming-uniform(a = sqrt(5)) like nn.Linear (U(-1/sqrt(in), 1/sqrt(in))) and B
+ * [out, r] zero, so a fresh adapter changes nothing. The tensors join the parameter table as
+ * "encoder.layer.<l>.<module>.lora_A.weight" / ".lora_B.weight" (peft's names without its
+ * "base_model.model." prefix), where <module> is the target's own name
+ * ("attention.self.query", ...). Adding LoRA freezes every base tensor; backward computes the
+ * low-rank gradients only (dB += s dY^T (X A^T), dA += s (dY B)^T X), never a dense dW.
+ * The forward adds the update to the (already copied) packed QKV weights or to a per-target
+ * effective copy, W + s B A, so the big GEMMs stay one GEMM each; this equals the two-path
+ * sum up to float rounding (checked against explicit torch code in tests/ref/bert). */
+typedef enum {
+    LEVI_LORA_QUERY = 1 << 0,        /* attention.self.query */
+    LEVI_LORA_KEY = 1 << 1,          /* attention.self.key */
+    LEVI_LORA_VALUE = 1 << 2,        /* attention.self.value */
+    LEVI_LORA_ATTN_OUTPUT = 1 << 3,  /* attention.output.dense */
+    LEVI_LORA_INTERMEDIATE = 1 << 4, /* intermediate.dense */
+    LEVI_LORA_OUTPUT = 1 << 5,       /* output.dense */
+} levi_lora_target;
+
+typedef struct levi_bert_lora_params {
+    int rank;         /* r >= 1 (8) */
+    float alpha;      /* lora_alpha (8, peft's default); the update is scaled by alpha / r */
+    float dropout;    /* lora_dropout on x before A: only 0 is implemented (the default) */
+    unsigned targets; /* OR of levi_lora_target (query | value, peft's default for BERT) */
+} levi_bert_lora_params;
+
+levi_bert_lora_params levi_bert_lora_default_params(void);
+/* Parses a comma-separated target list of module names ("query,value", "key",
+ * "attention.output.dense" or its short form "attn_output", "intermediate", "output", or
+ * "all") into *targets; an unknown name is LEVI_ERR_ARG naming it. */
+levi_status levi_bert_lora_parse_targets(const char *list, unsigned *targets, levi_error *err);
+/* Adds LoRA tensors to every layer (A from rng, B = 0), rebuilds the parameter table (its data
+ * and grad buffers move: re-fetch levi_bert_params() pointers' data, and create optimizers
+ * after this call) and freezes every base tensor. Once per model (asserted). LEVI_ERR_ARG for
+ * rank < 1, rank > min(in, out) of a target, alpha not finite, dropout != 0 or no target. */
+levi_status levi_bert_lora_add(levi_bert *bert, const levi_bert_lora_params *lp, levi_rng *rng,
+                               levi_error *err);
+/* 1 when LoRA tensors exist; *lp (may be NULL) receives their settings. */
+int levi_bert_lora_get(const levi_bert *bert, levi_bert_lora_params *lp);
+/* Trainable parameters LoRA adds to a config: layers * sum over targets of r * (in + out). */
+size_t levi_bert_lora_param_count(const levi_bert_config *cfg, const levi_bert_lora_params *lp);
+/* Merge: W += (alpha/r) B A in the base tensors, after which the forward no longer adds the
+ * update (inference and saving; do not train while merged). Unmerge subtracts it again (equal
+ * to the weights before merging up to float rounding, not bit-exact). Both are no-ops
+ * without LoRA or when already in the requested state. */
+void levi_bert_lora_merge(levi_bert *bert);
+void levi_bert_lora_unmerge(levi_bert *bert);
+
+/* Writes a Hugging Face-style folder that levi_bert_open and transformers' BertModel read:
+ * <dir>/config.json (the config with model_type "bert"), <dir>/model.safetensors (the base
+ * tensors under their checkpoint names, LoRA merged in, no LoRA tensors; metadata
+ * format "pt") and, when copy_from is given, that folder's vocab.txt (required),
+ * tokenizer_config.json, special_tokens_map.json and tokenizer.json (when present). The model
+ * itself is not changed. Files are written atomically; dir is created. */
+levi_status levi_bert_save(const levi_bert *bert, const char *dir, const char *copy_from,
+                           levi_error *err);
+
+/* ---------------------------------------------------------------------------------------
  * Forward. */
 typedef enum {
     LEVI_BERT_INFER = 0, /* saves nothing but the hidden states; the fast path */

@@ -391,11 +391,20 @@ levi_status levi_bert_config_load(const char *path, levi_bert_config *cfg, levi_
 /* ----------------------------------------------------------------------------------------
  * The model object */
 
+#define BERT_LORA_TARGETS 6
+enum { BERT_T_Q = 0, BERT_T_K, BERT_T_V, BERT_T_O, BERT_T_I, BERT_T_F };
+static const char *const bert_lora_module[BERT_LORA_TARGETS] = {
+    "attention.self.query",   "attention.self.key", "attention.self.value",
+    "attention.output.dense", "intermediate.dense", "output.dense"};
+
 typedef struct {
     int q_w, q_b, k_w, k_b, v_w, v_b; /* attention.self.{query,key,value} */
     int o_w, o_b, ln1_w, ln1_b;       /* attention.output.{dense,LayerNorm} */
     int i_w, i_b;                     /* intermediate.dense */
     int f_w, f_b, ln2_w, ln2_b;       /* output.{dense,LayerNorm} */
+    /* LoRA A and B per target (bert_lora_* order: query, key, value, attention.output.dense,
+       intermediate.dense, output.dense); -1 when the target has none. */
+    int lora_a[BERT_LORA_TARGETS], lora_b[BERT_LORA_TARGETS];
 } bert_layer_idx;
 
 /* Activations of one layer saved in train mode (pointers into the train arena). */
@@ -436,6 +445,15 @@ struct levi_bert {
     float *emb_sum, *emb_mean, *emb_rstd, *emb_dmask;
     float *tmp;                              /* [N,H] forward temporary */
     float *g, *t1, *t2, *dctx, *dqkv, *dint; /* backward buffers */
+    /* LoRA */
+    levi_bert_lora_params lora;
+    int has_lora, lora_merged;
+    float lora_scale;                   /* alpha / r */
+    float *lora_eff[BERT_LORA_TARGETS]; /* [L][out,in] W + s B A for attention.output,
+                                           intermediate and output targets (Q, K, V live in
+                                           the packed copy); NULL when not a target */
+    float *lora_tmp;                    /* backward scratch: 2 [N, r] */
+    size_t lora_tmp_floats;
 };
 
 static void bert_name(char *buf, size_t cap, int layer, const char *suffix) {
@@ -463,6 +481,7 @@ static levi_bert *bert_register(const levi_bert_config *cfg) {
     char nm[LEVI_NAME_MAX];
     for (int l = 0; l < L; l++) {
         bert_layer_idx *x = &m->li[l];
+        for (int t = 0; t < BERT_LORA_TARGETS; t++) x->lora_a[t] = x->lora_b[t] = -1;
 #define BERT_L2(field, suffix, r, c)                                                               \
     (bert_name(nm, sizeof nm, l, suffix), x->field = BERT_ADD2(nm, r, c))
 #define BERT_L1(field, suffix, r) (bert_name(nm, sizeof nm, l, suffix), x->field = BERT_ADD1(nm, r))
@@ -515,6 +534,8 @@ void levi_bert_free(levi_bert *m) {
     levi_arena_free(m->arena[1]);
     levi_free(m->qkv_w);
     levi_free(m->qkv_b);
+    for (int t = 0; t < BERT_LORA_TARGETS; t++) levi_free(m->lora_eff[t]);
+    levi_free(m->lora_tmp);
     free(m->li);
     free(m->hs);
     free(m->acts);
@@ -788,7 +809,44 @@ levi_bert_forward_params levi_bert_default_forward_params(void) {
     return p;
 }
 
-/* Refreshes the packed [3H, H] query|key|value weights and [3H] biases of every layer. */
+/* Base weight index of LoRA target t in layer l, and its [out, in] shape. */
+static int bert_target_weight(const bert_layer_idx *x, int t) {
+    const int w[BERT_LORA_TARGETS] = {x->q_w, x->k_w, x->v_w, x->o_w, x->i_w, x->f_w};
+    return w[t];
+}
+
+static void bert_target_shape(const levi_bert_config *c, int t, int *out, int *in) {
+    *out = t == BERT_T_I ? c->intermediate : c->hidden;
+    *in = t == BERT_T_F ? c->intermediate : c->hidden;
+}
+
+/* 1 when the forward adds target t's LoRA update (present and not merged into W). */
+static int bert_lora_live(const levi_bert *m, int t) {
+    return m->has_lora && !m->lora_merged && (m->lora.targets & (1u << t));
+}
+
+/* W[out,in] += scale * B[out,r] A[r,in] */
+static void bert_lora_delta(const levi_bert *m, int l, int t, float scale, float *W) {
+    const bert_layer_idx *x = &m->li[l];
+    int out, in;
+    bert_target_shape(&m->cfg, t, &out, &in);
+    levi_gemm(0, 0, out, in, m->lora.rank, scale, levi_params_data(&m->params, x->lora_b[t]),
+              m->lora.rank, levi_params_data(&m->params, x->lora_a[t]), in, 1.0f, W, in);
+}
+
+/* The weight the forward multiplies by for the attention-output, intermediate and output
+ * targets: the effective copy W + s B A when LoRA is live there, else the parameter. */
+static const float *bert_w(const levi_bert *m, int l, int t) {
+    if (bert_lora_live(m, t)) {
+        int out, in;
+        bert_target_shape(&m->cfg, t, &out, &in);
+        return m->lora_eff[t] + (size_t)l * out * in;
+    }
+    return levi_params_data(&m->params, bert_target_weight(&m->li[l], t));
+}
+
+/* Refreshes the packed [3H, H] query|key|value weights and [3H] biases of every layer, and
+ * the effective LoRA copies, from the parameter table (every forward: never stale). */
 static void bert_pack_qkv(levi_bert *m) {
     const size_t H = (size_t)m->cfg.hidden;
     const levi_params *p = &m->params;
@@ -799,6 +857,16 @@ static void bert_pack_qkv(levi_bert *m) {
         for (int j = 0; j < 3; j++) {
             memcpy(w + j * H * H, levi_params_data(p, wi[j]), H * H * sizeof(float));
             memcpy(b + j * H, levi_params_data(p, bi[j]), H * sizeof(float));
+            if (bert_lora_live(m, j)) bert_lora_delta(m, l, j, m->lora_scale, w + j * H * H);
+        }
+        for (int t = BERT_T_O; t < BERT_LORA_TARGETS; t++) {
+            if (!bert_lora_live(m, t)) continue;
+            int out, in;
+            bert_target_shape(&m->cfg, t, &out, &in);
+            float *e = m->lora_eff[t] + (size_t)l * out * in;
+            memcpy(e, levi_params_data(p, bert_target_weight(x, t)),
+                   (size_t)out * in * sizeof(float));
+            bert_lora_delta(m, l, t, m->lora_scale, e);
         }
     }
 }
@@ -844,16 +912,14 @@ static void bert_forward_infer(levi_bert *m) {
             bert_attention_block(m, l, b0, nb, in, w->qkv, w->ctx, NULL, 0.0f, NULL, NULL);
             // a = LN(in + ctx Wo^T + bo): bias and residual pre-filled, GEMM accumulates
             bert_fill_rows(w->a, in, levi_params_data(p, x->o_b), N, H);
-            levi_gemm(0, 1, N, H, H, 1.0f, w->ctx, H, levi_params_data(p, x->o_w), H, 1.0f, w->a,
-                      H);
+            levi_gemm(0, 1, N, H, H, 1.0f, w->ctx, H, bert_w(m, l, BERT_T_O), H, 1.0f, w->a, H);
             bert_add_layernorm(w->a, NULL, NULL, NULL, w->a, NULL, levi_params_data(p, x->ln1_w),
                                levi_params_data(p, x->ln1_b), N, H, c->eps);
             bert_fill_rows(w->pre, NULL, levi_params_data(p, x->i_b), N, I);
-            levi_gemm(0, 1, N, I, H, 1.0f, w->a, H, levi_params_data(p, x->i_w), H, 1.0f, w->pre,
-                      I);
+            levi_gemm(0, 1, N, I, H, 1.0f, w->a, H, bert_w(m, l, BERT_T_I), H, 1.0f, w->pre, I);
             levi_gelu_forward(w->pre, w->pre, (int64_t)N * I);
             bert_fill_rows(out, w->a, levi_params_data(p, x->f_b), N, H);
-            levi_gemm(0, 1, N, H, I, 1.0f, w->pre, I, levi_params_data(p, x->f_w), I, 1.0f, out, H);
+            levi_gemm(0, 1, N, H, I, 1.0f, w->pre, I, bert_w(m, l, BERT_T_F), I, 1.0f, out, H);
             bert_add_layernorm(out, NULL, NULL, NULL, out, NULL, levi_params_data(p, x->ln2_w),
                                levi_params_data(p, x->ln2_b), N, H, c->eps);
         }
@@ -873,35 +939,31 @@ static void bert_forward_train(levi_bert *m, levi_rng *rng) {
                              &s->attn_seed);
         if (s->dmask1) {
             bert_fill_rows(m->tmp, NULL, levi_params_data(p, x->o_b), N, H);
-            levi_gemm(0, 1, N, H, H, 1.0f, s->ctx, H, levi_params_data(p, x->o_w), H, 1.0f, m->tmp,
-                      H);
+            levi_gemm(0, 1, N, H, H, 1.0f, s->ctx, H, bert_w(m, l, BERT_T_O), H, 1.0f, m->tmp, H);
             levi_dropout_forward(m->tmp, s->dmask1, m->tmp, (int64_t)N * H, ph, rng);
             bert_add_layernorm(s->a, s->res1, s->mean1, s->rstd1, in, m->tmp,
                                levi_params_data(p, x->ln1_w), levi_params_data(p, x->ln1_b), N, H,
                                c->eps);
         } else {
             bert_fill_rows(s->res1, in, levi_params_data(p, x->o_b), N, H);
-            levi_gemm(0, 1, N, H, H, 1.0f, s->ctx, H, levi_params_data(p, x->o_w), H, 1.0f, s->res1,
-                      H);
+            levi_gemm(0, 1, N, H, H, 1.0f, s->ctx, H, bert_w(m, l, BERT_T_O), H, 1.0f, s->res1, H);
             bert_add_layernorm(s->a, NULL, s->mean1, s->rstd1, s->res1, NULL,
                                levi_params_data(p, x->ln1_w), levi_params_data(p, x->ln1_b), N, H,
                                c->eps);
         }
         bert_fill_rows(s->pre, NULL, levi_params_data(p, x->i_b), N, I);
-        levi_gemm(0, 1, N, I, H, 1.0f, s->a, H, levi_params_data(p, x->i_w), H, 1.0f, s->pre, I);
+        levi_gemm(0, 1, N, I, H, 1.0f, s->a, H, bert_w(m, l, BERT_T_I), H, 1.0f, s->pre, I);
         levi_gelu_forward(s->act, s->pre, (int64_t)N * I);
         if (s->dmask2) {
             bert_fill_rows(m->tmp, NULL, levi_params_data(p, x->f_b), N, H);
-            levi_gemm(0, 1, N, H, I, 1.0f, s->act, I, levi_params_data(p, x->f_w), I, 1.0f, m->tmp,
-                      H);
+            levi_gemm(0, 1, N, H, I, 1.0f, s->act, I, bert_w(m, l, BERT_T_F), I, 1.0f, m->tmp, H);
             levi_dropout_forward(m->tmp, s->dmask2, m->tmp, (int64_t)N * H, ph, rng);
             bert_add_layernorm(out, s->res2, s->mean2, s->rstd2, s->a, m->tmp,
                                levi_params_data(p, x->ln2_w), levi_params_data(p, x->ln2_b), N, H,
                                c->eps);
         } else {
             bert_fill_rows(s->res2, s->a, levi_params_data(p, x->f_b), N, H);
-            levi_gemm(0, 1, N, H, I, 1.0f, s->act, I, levi_params_data(p, x->f_w), I, 1.0f, s->res2,
-                      H);
+            levi_gemm(0, 1, N, H, I, 1.0f, s->act, I, bert_w(m, l, BERT_T_F), I, 1.0f, s->res2, H);
             bert_add_layernorm(out, NULL, s->mean2, s->rstd2, s->res2, NULL,
                                levi_params_data(p, x->ln2_w), levi_params_data(p, x->ln2_b), N, H,
                                c->eps);
@@ -1038,8 +1100,16 @@ static float *bert_grad_if(levi_bert *m, int idx) {
     return bert_tr(m, idx) ? levi_params_grad(&m->params, idx) : NULL;
 }
 
+/* 1 when layer l's LoRA tensors of target t exist and one of them is trainable. */
+static int bert_lora_tr(const levi_bert *m, int l, int t) {
+    const bert_layer_idx *x = &m->li[l];
+    return x->lora_a[t] >= 0 && (bert_tr(m, x->lora_a[t]) || bert_tr(m, x->lora_b[t]));
+}
+
 static int bert_layer_trainable(const levi_bert *m, int l) {
     const bert_layer_idx *x = &m->li[l];
+    for (int t = 0; t < BERT_LORA_TARGETS; t++)
+        if (bert_lora_tr(m, l, t)) return 1;
     const int idx[] = {x->q_w,   x->q_b,   x->k_w, x->k_b, x->v_w, x->v_b, x->o_w,   x->o_b,
                        x->ln1_w, x->ln1_b, x->i_w, x->i_b, x->f_w, x->f_b, x->ln2_w, x->ln2_b};
     for (size_t i = 0; i < sizeof idx / sizeof idx[0]; i++)
@@ -1052,6 +1122,38 @@ static void bert_linear_wgrad(float *dW, float *db, const float *dY, int ldy, co
                               int ldx, int N, int OC, int C) {
     if (dW) levi_gemm(1, 0, OC, C, N, 1.0f, dY, ldy, X, ldx, 1.0f, dW, C);
     if (db) bert_colsum_add(db, dY, ldy, N, OC);
+}
+
+/* LoRA gradients of target t in layer l from its output gradient dY [N,out] (row stride ldy)
+ * and input X [N,in] (row stride ldx): with T = X A^T [N,r] and U = dY B [N,r],
+ * dB += s dY^T T and dA += s U^T X. Costs 2 N r (in + out), against N in out for a dense
+ * dW; A and B are read from the table, so no merged copy is involved. */
+static void bert_lora_wgrad(levi_bert *m, int l, int t, const float *dY, int ldy, const float *X,
+                            int ldx, int N) {
+    if (!bert_lora_tr(m, l, t)) return;
+    const bert_layer_idx *x = &m->li[l];
+    const int r = m->lora.rank;
+    const float s = m->lora_scale;
+    int out, in;
+    bert_target_shape(&m->cfg, t, &out, &in);
+    const size_t need = 2 * (size_t)N * (size_t)r;
+    if (m->lora_tmp_floats < need) { // grows to the largest batch once, then is reused
+        levi_free(m->lora_tmp);
+        m->lora_tmp = levi_xmalloc(need * sizeof(float));
+        m->lora_tmp_floats = need;
+    }
+    float *T = m->lora_tmp, *U = m->lora_tmp + (size_t)N * r;
+    const float *A = levi_params_data(&m->params, x->lora_a[t]);
+    const float *B = levi_params_data(&m->params, x->lora_b[t]);
+    float *dA = bert_grad_if(m, x->lora_a[t]), *dB = bert_grad_if(m, x->lora_b[t]);
+    if (dB) {
+        levi_gemm(0, 1, N, r, in, 1.0f, X, ldx, A, in, 0.0f, T, r);
+        levi_gemm(1, 0, out, r, N, s, dY, ldy, T, r, 1.0f, dB, r);
+    }
+    if (dA) {
+        levi_gemm(0, 0, N, r, out, 1.0f, dY, ldy, B, r, 0.0f, U, r);
+        levi_gemm(1, 0, r, in, N, s, U, r, X, ldx, 1.0f, dA, in);
+    }
 }
 
 /* One encoder layer. g: dLoss/d output [N,H] (clobbered). When need_in, g receives dLoss/d
@@ -1067,12 +1169,14 @@ static void bert_layer_backward(levi_bert *m, int l, float *g, int need_in) {
     float *t1 = m->t1, *t2 = m->t2;
 
     const int t_ln2 = bert_tr(m, x->ln2_w) || bert_tr(m, x->ln2_b);
-    const int t_f = bert_tr(m, x->f_w) || bert_tr(m, x->f_b);
-    const int t_i = bert_tr(m, x->i_w) || bert_tr(m, x->i_b);
+    const int t_f = bert_tr(m, x->f_w) || bert_tr(m, x->f_b) || bert_lora_tr(m, l, BERT_T_F);
+    const int t_i = bert_tr(m, x->i_w) || bert_tr(m, x->i_b) || bert_lora_tr(m, l, BERT_T_I);
     const int t_ln1 = bert_tr(m, x->ln1_w) || bert_tr(m, x->ln1_b);
-    const int t_o = bert_tr(m, x->o_w) || bert_tr(m, x->o_b);
+    const int t_o = bert_tr(m, x->o_w) || bert_tr(m, x->o_b) || bert_lora_tr(m, l, BERT_T_O);
     const int t_qkv = bert_tr(m, x->q_w) || bert_tr(m, x->q_b) || bert_tr(m, x->k_w) ||
-                      bert_tr(m, x->k_b) || bert_tr(m, x->v_w) || bert_tr(m, x->v_b);
+                      bert_tr(m, x->k_b) || bert_tr(m, x->v_w) || bert_tr(m, x->v_b) ||
+                      bert_lora_tr(m, l, BERT_T_Q) || bert_lora_tr(m, l, BERT_T_K) ||
+                      bert_lora_tr(m, l, BERT_T_V);
     // Which gradients are needed, from the bottom of the layer up.
     const int need_qkv = need_in || t_qkv;
     const int need_o_out = t_o || need_qkv;
@@ -1096,13 +1200,15 @@ static void bert_layer_backward(levi_bert *m, int l, float *g, int need_in) {
     }
     // output.dense: d act = df W2; dW2 += df^T act
     bert_linear_wgrad(bert_grad_if(m, x->f_w), bert_grad_if(m, x->f_b), df, H, s->act, I, N, H, I);
+    bert_lora_wgrad(m, l, BERT_T_F, df, H, s->act, I, N);
     if (need_pre) {
-        levi_gemm(0, 0, N, I, H, 1.0f, df, H, levi_params_data(p, x->f_w), I, 0.0f, m->dint, I);
+        levi_gemm(0, 0, N, I, H, 1.0f, df, H, bert_w(m, l, BERT_T_F), I, 0.0f, m->dint, I);
         levi_gelu_backward_inplace(m->dint, s->pre, (int64_t)N * I);
         bert_linear_wgrad(bert_grad_if(m, x->i_w), bert_grad_if(m, x->i_b), m->dint, I, s->a, H, N,
                           I, H);
+        bert_lora_wgrad(m, l, BERT_T_I, m->dint, I, s->a, H, N);
         if (need_a)
-            levi_gemm(0, 0, N, H, I, 1.0f, m->dint, I, levi_params_data(p, x->i_w), H, 1.0f, t2, H);
+            levi_gemm(0, 0, N, H, I, 1.0f, m->dint, I, bert_w(m, l, BERT_T_I), H, 1.0f, t2, H);
     }
     if (!need_a) return;
     // attention.output.LayerNorm: t1 = d res1
@@ -1119,17 +1225,20 @@ static void bert_layer_backward(levi_bert *m, int l, float *g, int need_in) {
     }
     bert_linear_wgrad(bert_grad_if(m, x->o_w), bert_grad_if(m, x->o_b), dout, H, s->ctx, H, N, H,
                       H);
+    bert_lora_wgrad(m, l, BERT_T_O, dout, H, s->ctx, H, N);
     if (!need_qkv) return;
-    levi_gemm(0, 0, N, H, H, 1.0f, dout, H, levi_params_data(p, x->o_w), H, 0.0f, m->dctx, H);
+    levi_gemm(0, 0, N, H, H, 1.0f, dout, H, bert_w(m, l, BERT_T_O), H, 0.0f, m->dctx, H);
     float *dqkv = m->dqkv;
     memset(dqkv, 0, (size_t)NH_ * 3 * sizeof(float)); // the kernel accumulates
     levi_attention_backward(dqkv, dqkv + H, dqkv + 2 * H, m->dctx, s->probs, s->attn_seed, s->qkv,
                             s->qkv + H, s->qkv + 2 * H, m->mask,
                             bert_attn_params(m, m->B, m->p_attn), m->scratch, m->scratch_floats);
     const int wi[3] = {x->q_w, x->k_w, x->v_w}, bi[3] = {x->q_b, x->k_b, x->v_b};
-    for (int j = 0; j < 3; j++)
+    for (int j = 0; j < 3; j++) {
         bert_linear_wgrad(bert_grad_if(m, wi[j]), bert_grad_if(m, bi[j]), dqkv + (size_t)j * H,
                           3 * H, in, H, N, H, H);
+        bert_lora_wgrad(m, l, j, dqkv + (size_t)j * H, 3 * H, in, H, N);
+    }
     if (need_in)
         levi_gemm(0, 0, N, H, 3 * H, 1.0f, dqkv, 3 * H, m->qkv_w + (size_t)l * 3 * H * H, H, 1.0f,
                   g, H);
@@ -1210,4 +1319,267 @@ void levi_bert_backward(levi_bert *m, const float *const *d_hidden, float *d_out
             const float *d = dsum + n * H;
             for (int i = 0; i < H; i++) r[i] += d[i];
         }
+}
+
+/* ----------------------------------------------------------------------------------------
+ * LoRA */
+
+levi_bert_lora_params levi_bert_lora_default_params(void) {
+    levi_bert_lora_params lp = {8, 8.0f, 0.0f, LEVI_LORA_QUERY | LEVI_LORA_VALUE};
+    return lp;
+}
+
+levi_status levi_bert_lora_parse_targets(const char *list, unsigned *targets, levi_error *err) {
+    LEVI_ASSERT(list != NULL && targets != NULL, "lora_parse_targets needs a list and an output");
+    static const struct {
+        const char *name;
+        unsigned bits;
+    } names[] = {
+        {"query", LEVI_LORA_QUERY},
+        {"attention.self.query", LEVI_LORA_QUERY},
+        {"key", LEVI_LORA_KEY},
+        {"attention.self.key", LEVI_LORA_KEY},
+        {"value", LEVI_LORA_VALUE},
+        {"attention.self.value", LEVI_LORA_VALUE},
+        {"attn_output", LEVI_LORA_ATTN_OUTPUT},
+        {"attention.output.dense", LEVI_LORA_ATTN_OUTPUT},
+        {"intermediate", LEVI_LORA_INTERMEDIATE},
+        {"intermediate.dense", LEVI_LORA_INTERMEDIATE},
+        {"output", LEVI_LORA_OUTPUT},
+        {"output.dense", LEVI_LORA_OUTPUT},
+        {"all", 0x3f},
+    };
+    unsigned bits = 0;
+    const char *at = list;
+    while (*at) {
+        const char *end = strchr(at, ',');
+        size_t len = end ? (size_t)(end - at) : strlen(at);
+        int found = 0;
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+            if (strlen(names[i].name) == len && strncmp(names[i].name, at, len) == 0) {
+                bits |= names[i].bits;
+                found = 1;
+            }
+        if (!found)
+            return levi_errorf(err, LEVI_ERR_ARG,
+                               "LoRA target \"%.*s\" is unknown (expected query, key, value, "
+                               "attn_output, intermediate, output or all, comma-separated)",
+                               (int)len, at);
+        at += len;
+        if (*at == ',') at++;
+    }
+    if (!bits)
+        return levi_errorf(err, LEVI_ERR_ARG, "LoRA target list \"%s\" names no target", list);
+    *targets = bits;
+    return LEVI_OK;
+}
+
+size_t levi_bert_lora_param_count(const levi_bert_config *c, const levi_bert_lora_params *lp) {
+    LEVI_ASSERT(c != NULL && lp != NULL, "lora_param_count needs a config and params");
+    size_t per_layer = 0;
+    for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+        if (!(lp->targets & (1u << t))) continue;
+        int out, in;
+        bert_target_shape(c, t, &out, &in);
+        per_layer += (size_t)lp->rank * ((size_t)in + (size_t)out);
+    }
+    return per_layer * (size_t)c->layers;
+}
+
+levi_status levi_bert_lora_add(levi_bert *m, const levi_bert_lora_params *lp, levi_rng *rng,
+                               levi_error *err) {
+    LEVI_ASSERT(m != NULL && lp != NULL && rng != NULL, "lora_add needs a model, params and rng");
+    LEVI_ASSERT(!m->has_lora, "levi_bert_lora_add: this model already has LoRA");
+    const levi_bert_config *c = &m->cfg;
+    if (!(lp->targets & 0x3fu) || (lp->targets & ~0x3fu))
+        return levi_errorf(err, LEVI_ERR_ARG,
+                           "LoRA targets 0x%x: expected a non-empty OR of "
+                           "levi_lora_target bits",
+                           lp->targets);
+    if (!(lp->alpha == lp->alpha) || !isfinite(lp->alpha))
+        return levi_errorf(err, LEVI_ERR_ARG, "LoRA alpha = %g: expected a finite number",
+                           (double)lp->alpha);
+    if (lp->dropout != 0.0f)
+        return levi_errorf(err, LEVI_ERR_ARG,
+                           "LoRA dropout = %g: only 0 is implemented (the forward folds the "
+                           "update into the weights, which a dropout on x alone cannot use)",
+                           (double)lp->dropout);
+    for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+        if (!(lp->targets & (1u << t))) continue;
+        int out, in;
+        bert_target_shape(c, t, &out, &in);
+        const int lim = out < in ? out : in;
+        if (lp->rank < 1 || lp->rank > lim)
+            return levi_errorf(err, LEVI_ERR_ARG,
+                               "LoRA rank = %d: expected 1..%d (the smaller side of %s [%d, %d])",
+                               lp->rank, lim, bert_lora_module[t], out, in);
+    }
+    // A new table: the same tensors in the same order (so the base data is one block at the
+    // same offsets), then A and B per layer and target.
+    levi_params np;
+    levi_params_init(&np);
+    const levi_params *op = &m->params;
+    for (int i = 0; i < op->count; i++) {
+        int j = levi_params_add(&np, op->items[i].name, op->items[i].ndim, op->items[i].shape);
+        LEVI_ASSERT(j == i, "rebuilt table must keep the base order");
+    }
+    char nm[LEVI_NAME_MAX];
+    for (int l = 0; l < c->layers; l++)
+        for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+            if (!(lp->targets & (1u << t))) continue;
+            int out, in;
+            bert_target_shape(c, t, &out, &in);
+            int64_t sa[2] = {lp->rank, in}, sb[2] = {out, lp->rank};
+            snprintf(nm, sizeof nm, "encoder.layer.%d.%s.lora_A.weight", l, bert_lora_module[t]);
+            m->li[l].lora_a[t] = levi_params_add(&np, nm, 2, sa);
+            snprintf(nm, sizeof nm, "encoder.layer.%d.%s.lora_B.weight", l, bert_lora_module[t]);
+            m->li[l].lora_b[t] = levi_params_add(&np, nm, 2, sb);
+        }
+    levi_params_alloc(&np);
+    memcpy(np.data, op->data, op->numel * sizeof(float));
+    for (int i = 0; i < op->count; i++) {
+        np.items[i].no_decay = op->items[i].no_decay;
+        np.items[i].trainable = 0; // LoRA trains the adapters only
+    }
+    for (int i = op->count; i < np.count; i++) {
+        levi_param *it = &np.items[i];
+        float *d = np.data + it->offset;
+        if (strstr(it->name, ".lora_A.")) {
+            // kaiming_uniform_(a=sqrt(5)) on [r, in]: bound = gain * sqrt(3 / fan_in) with
+            // gain = sqrt(2 / (1 + 5)), i.e. 1 / sqrt(in), as nn.Linear and peft initialise A.
+            const float bound = 1.0f / sqrtf((float)it->shape[1]);
+            for (size_t e = 0; e < it->numel; e++)
+                d[e] = (2.0f * levi_rng_uniform(rng) - 1.0f) * bound;
+        } // B stays zero: the adapter starts as the identity update
+    }
+    levi_params_free(&m->params);
+    m->params = np;
+    for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+        if (t < BERT_T_O || !(lp->targets & (1u << t))) continue;
+        int out, in;
+        bert_target_shape(c, t, &out, &in);
+        m->lora_eff[t] = levi_xmalloc((size_t)c->layers * out * in * sizeof(float));
+    }
+    m->lora = *lp;
+    m->lora_scale = lp->alpha / (float)lp->rank;
+    m->has_lora = 1;
+    m->lora_merged = 0;
+    m->can_backward = 0; // the saved activations belong to the old table's weights
+    return LEVI_OK;
+}
+
+int levi_bert_lora_get(const levi_bert *m, levi_bert_lora_params *lp) {
+    LEVI_ASSERT(m != NULL, "NULL bert");
+    if (lp && m->has_lora) *lp = m->lora;
+    return m->has_lora;
+}
+
+static void bert_lora_apply(levi_bert *m, float sign) {
+    for (int l = 0; l < m->cfg.layers; l++)
+        for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+            if (!(m->lora.targets & (1u << t))) continue;
+            bert_lora_delta(m, l, t, sign * m->lora_scale,
+                            levi_params_data(&m->params, bert_target_weight(&m->li[l], t)));
+        }
+    m->can_backward = 0;
+}
+
+void levi_bert_lora_merge(levi_bert *m) {
+    LEVI_ASSERT(m != NULL, "NULL bert");
+    if (!m->has_lora || m->lora_merged) return;
+    bert_lora_apply(m, 1.0f);
+    m->lora_merged = 1;
+}
+
+void levi_bert_lora_unmerge(levi_bert *m) {
+    LEVI_ASSERT(m != NULL, "NULL bert");
+    if (!m->has_lora || !m->lora_merged) return;
+    bert_lora_apply(m, -1.0f);
+    m->lora_merged = 0;
+}
+
+/* ----------------------------------------------------------------------------------------
+ * Saving a Hugging Face folder */
+
+static levi_status bert_copy_file(const char *from_dir, const char *to_dir, const char *name,
+                                  int required, levi_error *err) {
+    char src[4096], dst[4096];
+    if ((size_t)snprintf(src, sizeof src, "%s/%s", from_dir, name) >= sizeof src ||
+        (size_t)snprintf(dst, sizeof dst, "%s/%s", to_dir, name) >= sizeof dst)
+        return levi_errorf(err, LEVI_ERR_ARG, "path too long: %.200s/%s", from_dir, name);
+    struct stat sb;
+    if (stat(src, &sb) != 0) {
+        if (!required) return LEVI_OK;
+        return levi_errorf(err, LEVI_ERR_IO, "%s: not found (needed next to the saved model)", src);
+    }
+    char *text = NULL;
+    size_t len = 0;
+    levi_status st = levi_read_file(src, &text, &len, err);
+    if (st != LEVI_OK) return st;
+    st = levi_write_file_atomic(dst, text, len, err);
+    levi_free(text);
+    return st;
+}
+
+levi_status levi_bert_save(const levi_bert *m, const char *dir, const char *copy_from,
+                           levi_error *err) {
+    LEVI_ASSERT(m != NULL && dir != NULL, "levi_bert_save needs a model and a folder");
+    const levi_bert_config *c = &m->cfg;
+    levi_status st = levi_mkdirs(dir, err);
+    if (st != LEVI_OK) return st;
+    char path[4096];
+    if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
+        return levi_errorf(err, LEVI_ERR_ARG, "model folder path too long: %.200s...", dir);
+    // %.9g round-trips every float; the fields are those levi_bert_config_parse reads, plus
+    // what transformers needs to pick BertModel.
+    char json[2048];
+    int len = snprintf(
+        json, sizeof json,
+        "{\n  \"architectures\": [\"BertModel\"],\n  \"model_type\": \"bert\",\n"
+        "  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
+        "  \"intermediate_size\": %d,\n  \"vocab_size\": %d,\n  \"max_position_embeddings\": %d,\n"
+        "  \"type_vocab_size\": %d,\n  \"pad_token_id\": %d,\n  \"layer_norm_eps\": %.9g,\n"
+        "  \"hidden_act\": \"gelu\",\n  \"hidden_dropout_prob\": %.9g,\n"
+        "  \"attention_probs_dropout_prob\": %.9g,\n  \"initializer_range\": %.9g,\n"
+        "  \"position_embedding_type\": \"absolute\"\n}\n",
+        c->hidden, c->layers, c->heads, c->intermediate, c->vocab, c->max_pos, c->type_vocab,
+        c->pad_token_id, (double)c->eps, (double)c->hidden_dropout, (double)c->attn_dropout,
+        (double)c->init_range);
+    if ((st = levi_write_file_atomic(path, json, (size_t)len, err)) != LEVI_OK) return st;
+
+    // Base tensors only; LoRA targets written as W + s B A (a merged copy, so the model is
+    // left as it was).
+    const levi_params *p = &m->params;
+    int nbase = p->count; // LoRA tensors come after every base tensor (levi_bert_lora_add)
+    for (int i = 0; i < p->count; i++)
+        if (strstr(p->items[i].name, ".lora_")) {
+            nbase = i;
+            break;
+        }
+    levi_tensor *ts = levi_xcalloc((size_t)nbase, sizeof *ts);
+    float **merged = levi_xcalloc((size_t)nbase, sizeof *merged);
+    for (int i = 0; i < nbase; i++) ts[i] = levi_params_tensor(p, i);
+    if (m->has_lora && !m->lora_merged)
+        for (int l = 0; l < c->layers; l++)
+            for (int t = 0; t < BERT_LORA_TARGETS; t++) {
+                if (!(m->lora.targets & (1u << t))) continue;
+                int wi = bert_target_weight(&m->li[l], t);
+                size_t n = p->items[wi].numel;
+                merged[wi] = levi_xmalloc(n * sizeof(float));
+                memcpy(merged[wi], levi_params_data(p, wi), n * sizeof(float));
+                bert_lora_delta(m, l, t, m->lora_scale, merged[wi]);
+                ts[wi].data = merged[wi];
+            }
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    const char *keys[1] = {"format"}, *vals[1] = {"pt"};
+    st = levi_st_write(path, ts, nbase, keys, vals, 1, err);
+    for (int i = 0; i < nbase; i++) levi_free(merged[i]);
+    free(merged);
+    free(ts);
+    if (st != LEVI_OK || !copy_from) return st;
+    static const char *const files[] = {"vocab.txt", "tokenizer_config.json",
+                                        "special_tokens_map.json", "tokenizer.json"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0] && st == LEVI_OK; i++)
+        st = bert_copy_file(copy_from, dir, files[i], i == 0, err);
+    return st;
 }

@@ -25,6 +25,20 @@ Files written (all tensors float32 unless noted; B = 4 sentences, S = 32 tokens)
   layer_grad.st  for each layer l = 1..L, with the loss sum(hidden_l * R_l) alone:
                         d_input.<l> = gradient w.r.t. hidden_{l-1} (the layer's input), for
                         batch items 0..1 only ([2,S,H]) to keep the file small
+  lora.st      LoRA (Hu et al. 2022) as explicit torch code on BertModel (peft is not needed):
+                        targets query, value, attention.output.dense, output.dense of every
+                        layer, rank LORA_RANK, alpha LORA_ALPHA, y = base(x) + (x A^T B^T) *
+                        alpha / r, with A = 0.1 * rfield(1000 + 16 l + t) [r, in] and
+                        B = 0.1 * rfield(2000 + 16 l + t) [out, r] (t: 0 query, 2 value,
+                        3 attention.output.dense, 5 output.dense; B non-zero so the update
+                        shows): hidden.3, hidden.6 [B,S,H] of the batch above.
+                        `--only lora` writes this file alone (the others stay as they are).
+
+Check of a folder levi saved (levi_bert_save), not a generator: `--check-saved DIR` loads DIR
+with transformers' AutoTokenizer and BertModel (strict: every tensor present, none unexpected)
+and compares its hidden states on the batch above with lora.st. Make DIR with
+  LEVI_LORA_SAVE_DIR=DIR LEVI_MODEL_DIR=... LEVI_SOURCE_DIR=. build/test_bert
+(test_lora_parity saves MiniLM with the rfield LoRA merged in).
 Every file's metadata holds the sha256 of model.safetensors, so the test can tell whether
 LEVI_MODEL_DIR holds the model the references came from.
 """
@@ -47,6 +61,11 @@ SENTENCES = [
 ]
 MAX_LEN = 32
 N_LAYER_GRAD_ITEMS = 2
+LORA_RANK = 4
+LORA_ALPHA = 8.0
+# (index t as in tests/test_bert.c, module path inside a BertLayer)
+LORA_TARGETS = [(0, "attention.self.query"), (2, "attention.self.value"),
+                (3, "attention.output.dense"), (5, "output.dense")]
 
 
 def rfield(layer, n):
@@ -61,6 +80,71 @@ def rfield(layer, n):
     h = (h * np.uint64(0x297A2D39)) & np.uint64(m)
     h ^= h >> np.uint64(15)
     return ((h >> np.uint64(8)).astype(np.float64) / float(1 << 24) * 2.0 - 1.0).astype(np.float32)
+
+
+class LoRALinear(torch.nn.Module):
+    """peft's LoraLayer forward with dropout 0: base(x) + lora_B(lora_A(x)) * alpha / r."""
+
+    def __init__(self, base, A, B, scale):
+        super().__init__()
+        self.base, self.A, self.B, self.scale = base, A, B, scale
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+
+def add_lora(model):
+    """Wraps the LORA_TARGETS of every layer; A and B come from rfield so the C test rebuilds
+    them without storing them."""
+    r, scale = LORA_RANK, LORA_ALPHA / LORA_RANK
+    for l, layer in enumerate(model.encoder.layer):
+        for t, path in LORA_TARGETS:
+            parent_path, name = path.rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            base = getattr(parent, name)
+            out_f, in_f = base.weight.shape
+            A = 0.1 * torch.from_numpy(rfield(1000 + 16 * l + t, r * in_f)).view(r, in_f)
+            B = 0.1 * torch.from_numpy(rfield(2000 + 16 * l + t, out_f * r)).view(out_f, r)
+            setattr(parent, name, LoRALinear(base, A, B, scale))
+    return model
+
+
+def lora_reference(args, meta):
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = BertModel.from_pretrained(args.model_dir, add_pooling_layer=False).float().eval()
+    enc = tok(SENTENCES, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+    add_lora(model)
+    with torch.no_grad():
+        hs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   token_type_ids=enc.get("token_type_ids"), output_hidden_states=True).hidden_states
+    L = model.config.num_hidden_layers
+    save({"hidden.3": hs[3], f"hidden.{L}": hs[L]}, os.path.join(args.out, "lora.st"), meta)
+
+
+def check_saved(args):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, BertModel
+
+    tok = AutoTokenizer.from_pretrained(args.check_saved)
+    model, info = BertModel.from_pretrained(args.check_saved, add_pooling_layer=False,
+                                            output_loading_info=True)
+    with safe_open(os.path.join(args.check_saved, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not any("lora" in k for k in keys), "LoRA tensors must be merged, not saved"
+    enc = tok(SENTENCES, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+    with torch.no_grad():
+        hs = model.float().eval()(**enc, output_hidden_states=True).hidden_states
+    ref = {}
+    with safe_open(os.path.join(args.out, "lora.st"), "pt") as f:
+        for k in f.keys():
+            ref[k] = f.get_tensor(k)
+    worst = max((hs[int(k.split(".")[1])] - v).abs().max().item() for k, v in ref.items())
+    print(f"{args.check_saved}: loads in transformers ({len(keys)} tensors, none missing or "
+          f"unexpected); hidden states vs lora.st max-abs {worst:.2e}")
+    assert worst < 1e-4, worst
 
 
 def sha256_file(path):
@@ -82,7 +166,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model-dir", required=True, help="Hugging Face folder of the BERT model")
     ap.add_argument("--out", required=True, help="output folder (tests/ref/bert)")
+    ap.add_argument("--only", choices=["lora"], help="write only this reference file")
+    ap.add_argument("--check-saved", metavar="DIR", help="check a levi-saved LoRA folder")
     args = ap.parse_args()
+    if args.check_saved:
+        check_saved(args)
+        return
 
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer, BertModel
@@ -94,6 +183,9 @@ def main():
         "generator": "tests/ref/gen_bert_ref.py",
         "torch": torch.__version__,
     }
+    lora_reference(args, meta)
+    if args.only == "lora":
+        return
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = BertModel.from_pretrained(args.model_dir, add_pooling_layer=False).float().eval()
     enc = tok(SENTENCES, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
