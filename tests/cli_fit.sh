@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # End-to-end test of `levi fit` on real MovieLens-100K, subsampled to 3000 rows: extracts the
-# backbone features into a temporary LEVI_CACHE, trains levi, a4 and bias with 2 seeds, and
-# checks the exit code, the output files, that every RMSE is finite and sane (0.5..2.0), that
-# a second run skips every finished run and reproduces results.csv byte for byte, that
-# `levi eval` recomputes the same numbers from the checkpoints, that `levi predict` works on
-# new rows (unseen ids included), and that SIGINT stops a run with exit 130, resumable.
+# backbone features into a temporary LEVI_CACHE, trains levi, a4 and bias with 2 seeds in 2
+# worker processes (--jobs 2), and checks the exit code, the output files, that every RMSE is
+# finite and sane (0.5..2.0), that a second run skips every finished run and reproduces
+# results.csv byte for byte, that `levi eval` recomputes the same numbers from the
+# checkpoints, that `levi predict` works on new rows (unseen ids included), that SIGINT stops
+# a fit with exit 130, resumable, both in one process (--jobs 1) and with worker processes,
+# that a failing worker stops the others and passes on its exit code, and that --jobs 2 with
+# an LR search gives the same bits as --jobs 1 --threads 1.
 #
 #   tests/cli_fit.sh <levi binary>
 # Inputs: LEVI_RECBOLE_DIR (RecBole atomic files) or LEVI_DATA_DIR/ml-100k (GroupLens), and
@@ -36,7 +39,7 @@ failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
 args=(fit movielens --subsample 3000 --epochs 2 --seeds 2 --lrs 1e-3 --methods levi,a4,bias
-      --out "$out" --data "$data" --model "$model")
+      --out "$out" --data "$data" --model "$model" --jobs 2)
 
 # 1. The first run: extraction and training.
 t0=$(date +%s)
@@ -60,6 +63,7 @@ for m in levi a4 bias; do
     done
 done
 grep -q "self-check: counts match" "$tmp/log1" || fail "the dataset self-check line is missing"
+grep -q "in 2 worker processes" "$tmp/log1" || fail "--jobs 2 did not use worker processes"
 grep -q "OOD (12 groups, ours)" "$tmp/log1" || fail "the Table-1-style table is not on stdout"
 grep -q "^| LEVI " "$tmp/log1" || fail "no LEVI row in the printed table"
 for h in "## Table 1 style" "## Tables 9/10 style" "Paper (T5x-small backbone" \
@@ -140,10 +144,10 @@ for m in levi a4 bias; do
 done
 grep -q "unseen in training -> unknown slot" "$tmp/log4" || fail "predict did not report unseen ids"
 
-# 6. SIGINT during training: exit 130, the run left resumable (state, no result).
+# 6. SIGINT during training (one process): exit 130, the run left resumable (state, no result).
 rm -rf "$tmp/int"
 "$levi" fit movielens --subsample 3000 --epochs 1000 --patience 1000 --seeds 1 --lrs 1e-3 \
-    --methods a4 --out "$tmp/int" --data "$data" >"$tmp/log5" 2>&1 &
+    --methods a4 --out "$tmp/int" --data "$data" --jobs 1 >"$tmp/log5" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
     [ -s "$tmp/int/runs/a4/seed0/state.safetensors" ] && break
@@ -156,6 +160,91 @@ rc=$?
 [ -s "$tmp/int/runs/a4/seed0/state.safetensors" ] || fail "no training state after SIGINT"
 [ ! -e "$tmp/int/runs/a4/seed0/result.json" ] || fail "an interrupted run wrote result.json"
 grep -q "run the same command again to resume" "$tmp/log5" || fail "no resume hint after SIGINT"
+
+# 7. SIGINT with worker processes: the bias runs finish, then both a4 seeds train side by
+#    side until the parent gets SIGINT; it stops them at a safe point and exits 130, and the
+#    same command again skips the finished runs and resumes the others (interrupted again).
+par=(fit movielens --subsample 3000 --epochs 1000 --patience 1000 --seeds 2 --lrs 1e-3
+     --methods bias,a4 --out "$tmp/pint" --data "$data" --jobs 2)
+wait_workers() { # pid: waits until it has 2 worker processes and both a4 runs have a state
+    for _ in $(seq 1 300); do
+        if [ "$(pgrep -c -P "$1")" -eq 2 ] && [ -s "$tmp/pint/runs/a4/seed0/state.safetensors" ] &&
+            [ -s "$tmp/pint/runs/a4/seed1/state.safetensors" ]; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}
+stop_within() { # pid seconds: SIGINT, then SIGKILL (it and its workers) if it hangs
+    kill -INT "$1"
+    for _ in $(seq 1 $((5 * $2))); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    fail "pid $1 still running $2 s after SIGINT"
+    pkill -KILL -P "$1"
+    kill -KILL "$1"
+}
+for round in 1 2; do
+    "$levi" "${par[@]}" >"$tmp/log6.$round" 2>&1 &
+    pid=$!
+    wait_workers $pid || fail "round $round: the two a4 workers did not start"
+    stop_within $pid 60
+    wait $pid
+    rc=$?
+    [ $rc -eq 130 ] || { tail -5 "$tmp/log6.$round"; fail "round $round: exit $rc, expected 130"; }
+    for s in 0 1; do
+        [ -s "$tmp/pint/runs/a4/seed$s/state.safetensors" ] ||
+            fail "round $round: no a4 seed $s training state after SIGINT"
+        [ ! -e "$tmp/pint/runs/a4/seed$s/result.json" ] ||
+            fail "round $round: the interrupted a4 seed $s wrote result.json"
+        [ -s "$tmp/pint/runs/bias/seed$s/result.json" ] ||
+            fail "round $round: bias seed $s has no result"
+    done
+    grep -q "run the same command again to resume" "$tmp/log6.$round" ||
+        fail "round $round: no resume hint"
+done
+n_skipped=$(grep -c "finished earlier" "$tmp/log6.2")
+[ "$n_skipped" -eq 2 ] || fail "the resumed parallel fit skipped $n_skipped runs, expected 2"
+! grep -q "settings changed" "$tmp/log6.2" || fail "the resumed parallel fit started a run again"
+
+# 8. A failing worker (its run folder is a file) stops the other one; the fit exits with the
+#    failed run's code and prints its error.
+rm -rf "$tmp/bad"
+mkdir -p "$tmp/bad/runs/a4"
+echo "not a folder" >"$tmp/bad/runs/a4/seed1"
+timeout -s KILL 120 "$levi" fit movielens --subsample 3000 --epochs 1000 --patience 1000 \
+    --seeds 2 --lrs 1e-3 --methods a4 --out "$tmp/bad" --data "$data" --jobs 2 >"$tmp/log7" 2>&1
+rc=$?
+[ $rc -eq 1 ] || { tail -5 "$tmp/log7"; fail "a fit with a failing worker exited $rc, expected 1"; }
+grep -q "runs/a4/seed1: exists and is not a directory" "$tmp/log7" ||
+    fail "the failed worker's error is not printed"
+grep -q "a4 seed 1 failed (exit code 1); stopped the other runs" "$tmp/log7" ||
+    fail "no line naming the failed run"
+[ ! -e "$tmp/bad/runs/a4/seed0/result.json" ] || fail "the other worker was not stopped"
+
+# 9. --jobs 2 with an LR search (seeds wait for their method's choice) gives the same bits as
+#    --jobs 1 --threads 1: every run is single-threaded either way.
+grid=(fit movielens --subsample 3000 --epochs 2 --seeds 2 --lrs 1e-3,1e-2 --methods levi,a4,bias
+      --data "$data" --model "$model")
+timeout -s KILL 300 "$levi" "${grid[@]}" --out "$tmp/g2" --jobs 2 >"$tmp/log8" 2>&1 ||
+    { tail -10 "$tmp/log8"; fail "grid fit with --jobs 2 failed"; }
+timeout -s KILL 300 "$levi" "${grid[@]}" --out "$tmp/g1" --jobs 1 --threads 1 >"$tmp/log9" 2>&1 ||
+    { tail -10 "$tmp/log9"; fail "grid fit with --jobs 1 --threads 1 failed"; }
+grep -q "in 2 worker processes" "$tmp/log8" || fail "grid fit: no worker processes"
+cmp -s "$tmp/g1/results.csv" "$tmp/g2/results.csv" || {
+    diff "$tmp/g1/results.csv" "$tmp/g2/results.csv" | head -5
+    fail "results.csv differs between --jobs 2 and --jobs 1 --threads 1"
+}
+n_models=0
+for f in $(cd "$tmp/g1" && find runs -name model.safetensors | sort); do
+    n_models=$((n_models + 1))
+    cmp -s "$tmp/g1/$f" "$tmp/g2/$f" || fail "$f differs between --jobs 2 and --jobs 1 --threads 1"
+done
+# seed0/ + seed1/ per method, and each searched method keeps its losing LR in lr-search/.
+[ "$n_models" -eq 8 ] || fail "grid fit: $n_models checkpoints, expected 8"
+echo "--jobs 2 vs --jobs 1 --threads 1: $n_models checkpoints and results.csv compared"
 
 if [ $failures -ne 0 ]; then
     echo "$failures check(s) failed"

@@ -36,6 +36,24 @@ levi_progress *levi_progress_start(const char *label, int64_t total, const char 
 void levi_progress_update(levi_progress *p, int64_t done, const char *extra);
 void levi_progress_finish(levi_progress *p); /* prints the final line and frees; NULL ok */
 
+/* "m:ss" or "h:mm:ss"; "--:--" for a negative, NaN or absurd number of seconds. */
+void levi_format_duration(char *buf, size_t cap, double seconds);
+
+/* A block of status lines on stderr for work going on side by side (`levi fit --jobs N`).
+ * On a terminal, levi_board_draw replaces the block in place (at most 5 times a second
+ * unless force); other output goes through levi_board_print, which prints it above the
+ * block. Not on a terminal nothing is redrawn: levi_board_draw prints log_line (when not
+ * NULL) at most once every log_every_s seconds (or when force), so logs get a plain status
+ * line now and then instead of escape codes. LEVI_PROGRESS=0 silences the block and the
+ * status lines (levi_board_print still prints). */
+typedef struct levi_board levi_board;
+levi_board *levi_board_start(double log_every_s);
+void levi_board_draw(levi_board *b, const char *const *lines, int n, const char *log_line,
+                     int force);
+void levi_board_print(levi_board *b, FILE *f, const char *text); /* adds a missing '\n' */
+void levi_board_clear(levi_board *b);  /* erases the block until the next draw; NULL ok */
+void levi_board_finish(levi_board *b); /* erases the block and frees; NULL ok */
+
 /* Set by the SIGINT/SIGTERM handler installed by main(); long loops poll it, save, and
  * return LEVI_EXIT_INTERRUPTED. */
 extern volatile int levi_cli_interrupted;

@@ -15,22 +15,30 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 static void fit_usage(FILE *f) {
+    fprintf(f,
+            "usage: levi fit <spec.json | built-in target> [options]\n"
+            "\n"
+            "Trains LEVI and baselines on cached backbone features, chooses each method's\n"
+            "learning rate on ID validation (first seed), trains the other seeds, evaluates on\n"
+            "ID test, all OOD rows and each OOD group, and writes results.json, results.csv and\n"
+            "report.md. Finished runs are kept under <out>/runs/ and skipped when the command\n"
+            "is run again, so an interrupted fit resumes.\n"
+            "\n"
+            "Built-in targets (specs/<name>.json, embedded; --print-spec shows one):\n");
+    fit_print_builtins(f);
     fprintf(
         f,
-        "usage: levi fit <spec.json | movielens> [options]\n"
-        "\n"
-        "Trains LEVI and baselines on cached backbone features, chooses each method's\n"
-        "learning rate on ID validation (first seed), trains the other seeds, evaluates on\n"
-        "ID test, all OOD rows and each OOD group, and writes results.json, results.csv and\n"
-        "report.md. Finished runs are kept under <out>/runs/ and skipped when the command\n"
-        "is run again, so an interrupted fit resumes.\n"
-        "\n"
-        "  movielens            the paper's MovieLens-100K genre shift (built-in spec)\n"
-        "  spec.json            a dataset spec (see include/levi/data.h)\n"
+        "  spec.json            a dataset spec file (see include/levi/data.h)\n"
         "\n"
         "Options:\n"
         "  --data PATH          data folder/file (overrides the spec's source; default for\n"
@@ -48,13 +56,19 @@ static void fit_usage(FILE *f) {
         "                       metric (default 6)\n"
         "  --batch N            batch size (default 200)\n"
         "  --threads N          threads for kernels and BLAS (default: all cores, or\n"
-        "                       OMP_NUM_THREADS)\n"
+        "                       OMP_NUM_THREADS); with --jobs > 1 only feature\n"
+        "                       extraction uses them, every run has one\n"
+        "  --jobs N             runs trained side by side, each in its own process with one\n"
+        "                       thread (default: the number of online CPUs, at most the\n"
+        "                       number of runs left to train); 1: one run after another in\n"
+        "                       this process with --threads threads. Same results either\n"
+        "                       way as --jobs 1 --threads 1\n"
         "  --subsample N|FRAC   keep N rows (integer) or a fraction in (0, 1) of them,\n"
         "                       proportionally per split (for quick runs)\n"
         "  --cache DIR          feature cache folder, shared with `levi encode` (default\n"
         "                       $LEVI_CACHE/features)\n"
         "  --no-progress        no progress bars (same as LEVI_PROGRESS=0)\n"
-        "  --print-spec         print the spec (the built-in one for movielens) and exit\n"
+        "  --print-spec         print the spec (a built-in target's embedded one) and exit\n"
         "  -h, --help           this help\n"
         "\n"
         "Exit codes: 0 ok, 1 failure, 2 usage, 3 bad input, 130 interrupted (rerun to resume).\n");
@@ -191,6 +205,7 @@ typedef struct fit_args {
     fit_config cfg;
     const char *data, *model, *out, *cache;
     int print_spec, help;
+    int jobs; /* 0: one per online CPU */
 } fit_args;
 
 static int parse_fit_args(int argc, char **argv, fit_args *a) {
@@ -232,8 +247,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         if (eq) value = eq + 1;
         static const char *const flags[] = {"--no-progress", "--print-spec"};
         static const char *const with_value[] = {
-            "--data",   "--model",    "--out",   "--methods", "--seeds",     "--lrs",
-            "--epochs", "--patience", "--batch", "--threads", "--subsample", "--cache"};
+            "--data",     "--model", "--out",     "--methods",   "--seeds", "--lrs", "--epochs",
+            "--patience", "--batch", "--threads", "--subsample", "--cache", "--jobs"};
         int is_flag = 0, takes_value = 0;
         for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
             is_flag |= strcmp(name, flags[k]) == 0;
@@ -285,6 +300,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
             rc = parse_int_opt(name, value, 1, 4096, &cfg->threads);
         else if (strcmp(name, "--subsample") == 0)
             rc = parse_subsample(value, cfg);
+        else if (strcmp(name, "--jobs") == 0)
+            rc = parse_int_opt(name, value, 1, 4096, &a->jobs);
         if (rc != LEVI_EXIT_OK) return rc;
         if (!*value &&
             (a->data == value || a->model == value || a->out == value || a->cache == value)) {
@@ -293,8 +310,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         }
     }
     if (!target) {
-        fprintf(stderr, "levi fit: missing the dataset: expected 'movielens' or a spec file "
-                        "(see levi fit --help)\n");
+        fprintf(stderr, "levi fit: missing the dataset: expected a built-in target such as "
+                        "'movielens' or a spec file (see levi fit --help)\n");
         return LEVI_EXIT_USAGE;
     }
     snprintf(cfg->target, sizeof cfg->target, "%s", target);
@@ -316,12 +333,12 @@ static int resolve_paths(fit_args *a) {
         absolute_path(a->cache, cfg->features, sizeof cfg->features);
     else
         fit_path(cfg->features, sizeof cfg->features, "%s/features", cfg->cache);
-    int builtin = strcmp(cfg->target, "movielens") == 0;
+    int builtin = fit_builtin_spec(cfg->target) != NULL;
     if (!builtin) {
         if (!is_file(cfg->target)) {
             fprintf(stderr,
-                    "levi fit: %s: cannot open the spec file: %s (expected 'movielens' or "
-                    "a spec JSON file)\n",
+                    "levi fit: %s: cannot open the spec file: %s (expected a built-in "
+                    "target listed by levi fit --help, or a spec JSON file)\n",
                     cfg->target, is_dir(cfg->target) ? "is a directory" : strerror(errno));
             return LEVI_EXIT_INPUT;
         }
@@ -378,14 +395,31 @@ static int resolve_paths(fit_args *a) {
 /* ---------------------------------------------------------------------------------------
  * One training run. */
 static double set_value(const cJSON *result, const char *name);
+/* What a worker process (--jobs N) sends its parent about its run's training, one write()
+ * each: a record is far below PIPE_BUF, so it arrives whole and never interleaved. */
+typedef struct run_msg {
+    int32_t epoch, max_epochs, epoch_done, improved;
+    int64_t step, steps_per_epoch;
+    double loss, val_metric, examples_per_s;
+} run_msg;
+
 typedef struct run_progress {
-    levi_progress *bar; /* the CLI's progress bar (cli.h) */
+    levi_progress *bar; /* the CLI's progress bar (cli.h), when training in this process */
+    int fd;             /* >= 0 in a worker process: the pipe to the parent, instead of bar */
     int64_t n_train;
     int batch;
 } run_progress;
 
 static void on_train_progress(void *user, const levi_train_progress *p) {
     run_progress *rp = user;
+    if (rp->fd >= 0) {
+        run_msg msg = {p->epoch,           p->max_epochs, p->epoch_done, p->improved,      p->step,
+                       p->steps_per_epoch, p->loss,       p->val_metric, p->examples_per_s};
+        /* A parent gone away is noticed by the stop flag (SIGTERM on its death), not here. */
+        ssize_t w = write(rp->fd, &msg, sizeof msg);
+        (void)w;
+        return;
+    }
     int64_t done = (int64_t)(p->epoch - 1) * rp->n_train + p->step * rp->batch;
     int64_t cap = (int64_t)p->epoch * rp->n_train;
     if (done > cap) done = cap;
@@ -402,6 +436,7 @@ static void on_train_progress(void *user, const levi_train_progress *p) {
 typedef struct fit_state {
     fit_config *cfg;
     fit_context *ctx;
+    int progress_fd; /* -1, or in a worker process the pipe for run_msg records */
 } fit_state;
 
 static void run_key(fit_state *fs, const levi_model *m, float lr, int seed, char key[65]) {
@@ -438,6 +473,47 @@ static levi_head_params head_params_for(fit_state *fs, int method) {
     return hp;
 }
 
+/* 1 when the run of `method` at lr with seed has a finished result in dir whose key matches
+ * today's settings; then *result is that result (caller frees). announce: print the
+ * "finished earlier" or "settings changed" line. m, when not NULL, is the run's model (its
+ * configuration is part of the key); else one is made for the key. */
+static int run_finished(fit_state *fs, levi_model *m, int method, float lr, int seed,
+                        const char *dir, const char *label, int announce, cJSON **result) {
+    *result = NULL;
+    levi_model *own = NULL;
+    if (!m) {
+        levi_error err;
+        levi_head_params hp = head_params_for(fs, method);
+        if (levi_model_init(&own, &hp, &fs->ctx->td, &err) != LEVI_OK) return 0;
+        m = own;
+    }
+    char key[65];
+    run_key(fs, m, lr, seed, key);
+    levi_model_free(own);
+    char result_path[FIT_PATH_MAX + 32];
+    snprintf(result_path, sizeof result_path, "%s/result.json", dir);
+    if (!is_file(result_path)) return 0;
+    levi_error e2;
+    cJSON *old = fit_read_json(result_path, &e2);
+    if (old && strcmp(result_key(old), key) == 0) {
+        if (announce) {
+            const cJSON *sets = cJSON_GetObjectItemCaseSensitive(old, "sets");
+            const cJSON *s0 = cJSON_GetArrayItem(sets, 0);
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(s0, "value");
+            const cJSON *nm = cJSON_GetObjectItemCaseSensitive(s0, "name");
+            printf("%s: finished earlier (%s %.4f), skipped\n", label,
+                   cJSON_IsString(nm) ? nm->valuestring : "?",
+                   cJSON_IsNumber(v) ? v->valuedouble : NAN);
+        }
+        *result = old;
+        return 1;
+    }
+    if (old && announce)
+        printf("%s: settings changed since the saved run; training again\n", label);
+    cJSON_Delete(old);
+    return 0;
+}
+
 /* Trains (or finds finished) the run of `method` at lr with seed in dir. On success *result
  * is the run-result JSON (caller frees). Returns an exit code. */
 static int run_one(fit_state *fs, int method, float lr, int seed, const char *dir,
@@ -459,24 +535,9 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     snprintf(ckpt_path, sizeof ckpt_path, "%s/model.safetensors", dir);
     snprintf(state_path, sizeof state_path, "%s/state.safetensors", dir);
 
-    if (is_file(result_path)) {
-        levi_error e2;
-        cJSON *old = fit_read_json(result_path, &e2);
-        if (old && strcmp(result_key(old), key) == 0) {
-            const cJSON *sets = cJSON_GetObjectItemCaseSensitive(old, "sets");
-            const cJSON *s0 = cJSON_GetArrayItem(sets, 0);
-            const cJSON *v = cJSON_GetObjectItemCaseSensitive(s0, "value");
-            printf("%s: finished earlier (%s %.4f), skipped\n", label,
-                   cJSON_IsString(cJSON_GetObjectItemCaseSensitive(s0, "name"))
-                       ? cJSON_GetObjectItemCaseSensitive(s0, "name")->valuestring
-                       : "?",
-                   cJSON_IsNumber(v) ? v->valuedouble : NAN);
-            levi_model_free(m);
-            *result = old;
-            return LEVI_EXIT_OK;
-        }
-        if (old) printf("%s: settings changed since the saved run; training again\n", label);
-        cJSON_Delete(old);
+    if (run_finished(fs, m, method, lr, seed, dir, label, 1, result)) {
+        levi_model_free(m);
+        return LEVI_EXIT_OK;
     }
     if ((st = levi_mkdirs(dir, &err)) != LEVI_OK) {
         levi_model_free(m);
@@ -525,10 +586,11 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     tp.state_path = state_path;
     tp.resume = resume;
     tp.stop_flag = &levi_cli_interrupted;
-    run_progress rp = {NULL, ctx->n_train, fs->cfg->batch};
+    run_progress rp = {NULL, fs->progress_fd, ctx->n_train, fs->cfg->batch};
     /* The bias model is a closed-form fit without steps to show. */
     if (method != LEVI_METHOD_BIAS) {
-        rp.bar = levi_progress_start(label, (int64_t)fs->cfg->epochs * ctx->n_train, "ex");
+        if (rp.fd < 0)
+            rp.bar = levi_progress_start(label, (int64_t)fs->cfg->epochs * ctx->n_train, "ex");
         tp.progress = on_train_progress;
         tp.progress_user = &rp;
         tp.progress_every = 10;
@@ -536,8 +598,10 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     levi_train_result *tr = levi_xcalloc(1, sizeof *tr);
     st = levi_train(m, &ctx->td, ctx->train, ctx->n_train, ctx->val, ctx->n_val, &tp, tr, &err);
     levi_progress_finish(rp.bar);
-    if (method == LEVI_METHOD_BIAS && st == LEVI_OK)
+    if (method == LEVI_METHOD_BIAS && st == LEVI_OK) {
         printf("%s: fitted in %.2f s (ID val %.4f)\n", label, tr->seconds, tr->best_val_metric);
+        fflush(stdout);
+    }
     int diverged = 0;
     if (st == LEVI_ERR_NUMERIC) {
         /* A learning rate too large for the method: the run counts as the worst, the
@@ -645,63 +709,55 @@ static void remove_run_dir(const char *dir) {
     rmdir(dir);
 }
 
-/* One method: learning-rate choice on ID val with seed 0, then the other seeds. Adds the
- * method's entry to `methods`. */
-static int fit_method(fit_state *fs, int method, cJSON *methods) {
+/* The folder of method's LR-search run at lr: lr-search/lr<value>/, or seed0/ when an
+ * earlier fit already moved that run there as the winner (it keeps its key there). */
+static void grid_run_dir(const fit_config *cfg, int method, float lr, char *dir, size_t cap) {
+    char seed0_dir[FIT_PATH_MAX], s0r[FIT_PATH_MAX + 32];
+    fit_search_dir(cfg, method, lr, dir, cap);
+    fit_run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
+    snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
+    levi_error e2;
+    cJSON *moved = is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
+    const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
+    if (moved && !is_dir(dir) && cJSON_IsNumber(mlr) && mlr->valuedouble == fit_float_json(lr))
+        snprintf(dir, cap, "%s", seed0_dir);
+    cJSON_Delete(moved);
+}
+
+/* Picks the best learning rate of the grid on ID validation (the first of equals), prints
+ * the choice and moves the winner's folder to seed0/ so it is not trained twice. Returns an
+ * exit code; *best is the grid index. */
+static int choose_lr(fit_state *fs, int method, const float *grid, int n_lr, const double *lr_val,
+                     int *best) {
     const fit_config *cfg = fs->cfg;
     const char *name = levi_method_name((levi_method)method);
-    float grid[LEVI_MAX_GRID];
-    int n_lr = fit_lr_grid(cfg, method, grid);
-    double lr_val[LEVI_MAX_GRID];
-    int best = 0;
-    char dir[FIT_PATH_MAX], label[128];
-    char seed0_dir[FIT_PATH_MAX];
+    *best = 0;
+    for (int i = 1; i < n_lr; i++)
+        if (better(fs->ctx->lower_is_better, lr_val[i], lr_val[*best])) *best = i;
+    printf("%s: learning rate %g chosen on ID validation (", name, (double)grid[*best]);
+    for (int i = 0; i < n_lr; i++) printf("%s%g: %.4f", i ? ", " : "", (double)grid[i], lr_val[i]);
+    printf(")\n");
+    fflush(stdout);
+    char dir[FIT_PATH_MAX], seed0_dir[FIT_PATH_MAX];
+    fit_search_dir(cfg, method, grid[*best], dir, sizeof dir);
     fit_run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
-    int rc;
-    cJSON *seed0 = NULL;
-    printf("\n== %s: %s ==\n", name, levi_report_method_label(name));
-    if (n_lr == 1) {
-        lr_val[0] = NAN;
-    } else {
-        /* Every candidate is a full seed-0 run in lr-search/; the winner's folder becomes
-           seed0/ so it is not trained twice. */
-        for (int i = 0; i < n_lr; i++) {
-            fit_search_dir(cfg, method, grid[i], dir, sizeof dir);
-            char s0r[FIT_PATH_MAX + 32];
-            snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
-            cJSON *r = NULL;
-            /* A winner already moved to seed0/ keeps its key there. */
-            levi_error e2;
-            cJSON *moved = is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
-            const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
-            if (moved && !is_dir(dir) && cJSON_IsNumber(mlr) &&
-                mlr->valuedouble == fit_float_json(grid[i])) {
-                snprintf(dir, sizeof dir, "%s", seed0_dir);
-            }
-            cJSON_Delete(moved);
-            snprintf(label, sizeof label, "%s lr %g seed 0", name, (double)grid[i]);
-            if ((rc = run_one(fs, method, grid[i], 0, dir, label, &r)) != LEVI_EXIT_OK) return rc;
-            lr_val[i] = set_value(r, "id_val");
-            cJSON_Delete(r);
-            if (levi_cli_interrupted) return LEVI_EXIT_INTERRUPTED;
-        }
-        for (int i = 1; i < n_lr; i++)
-            if (better(fs->ctx->lower_is_better, lr_val[i], lr_val[best])) best = i;
-        printf("%s: learning rate %g chosen on ID validation (", name, (double)grid[best]);
-        for (int i = 0; i < n_lr; i++)
-            printf("%s%g: %.4f", i ? ", " : "", (double)grid[i], lr_val[i]);
-        printf(")\n");
-        fit_search_dir(cfg, method, grid[best], dir, sizeof dir);
-        if (is_dir(dir)) {
-            /* Ties between stale seed0/ files and the winner go to the winner. */
-            remove_run_dir(seed0_dir);
-            if (rename(dir, seed0_dir) != 0) {
-                fprintf(stderr, "levi fit: cannot move %s to %s: %s\n", dir, seed0_dir,
-                        strerror(errno));
-                return LEVI_EXIT_FAILURE;
-            }
+    if (is_dir(dir)) {
+        /* Ties between stale seed0/ files and the winner go to the winner. */
+        remove_run_dir(seed0_dir);
+        if (rename(dir, seed0_dir) != 0) {
+            fprintf(stderr, "levi fit: cannot move %s to %s: %s\n", dir, seed0_dir,
+                    strerror(errno));
+            return LEVI_EXIT_FAILURE;
         }
     }
+    return LEVI_EXIT_OK;
+}
+
+/* Appends method's entry (grid, ID-val metric per learning rate, the runs of every seed) to
+ * `methods`; takes the results. With a one-entry grid the seed-0 run gives lr_val. */
+static void add_method_entry(int method, const float *grid, int n_lr, int best, double *lr_val,
+                             int seeds, cJSON **results, cJSON *methods) {
+    const char *name = levi_method_name((levi_method)method);
     cJSON *entry = cJSON_CreateObject();
     cJSON_AddStringToObject(entry, "method", name);
     cJSON_AddStringToObject(entry, "label", levi_report_method_label(name));
@@ -709,23 +765,557 @@ static int fit_method(fit_state *fs, int method, cJSON *methods) {
     cJSON *jv = cJSON_AddArrayToObject(entry, "lr_val");
     cJSON *runs = cJSON_AddArrayToObject(entry, "runs");
     cJSON_AddItemToArray(methods, entry);
-    for (int seed = 0; seed < cfg->seeds; seed++) {
-        fit_run_dir(cfg, method, seed, dir, sizeof dir);
-        snprintf(label, sizeof label, "%s seed %d", name, seed);
-        cJSON *r = NULL;
-        if ((rc = run_one(fs, method, grid[best], seed, dir, label, &r)) != LEVI_EXIT_OK) return rc;
-        if (seed == 0) seed0 = r;
-        cJSON_AddItemToArray(runs, r);
-        if (levi_cli_interrupted) return LEVI_EXIT_INTERRUPTED;
+    for (int seed = 0; seed < seeds; seed++) {
+        cJSON_AddItemToArray(runs, results[seed]);
+        results[seed] = NULL;
     }
-    if (n_lr == 1) lr_val[0] = set_value(seed0, "id_val");
+    if (n_lr == 1) lr_val[0] = set_value(cJSON_GetArrayItem(runs, 0), "id_val");
     for (int i = 0; i < n_lr; i++) {
         cJSON_AddItemToArray(jg, cJSON_CreateNumber(fit_float_json(grid[i])));
         cJSON_AddItemToArray(jv, cJSON_CreateNumber(lr_val[i]));
     }
     cJSON_AddNumberToObject(entry, "chosen_lr", fit_float_json(grid[best]));
     levi_report_summarize_method(entry);
+}
+
+/* One method in this process (--jobs 1): learning-rate choice on ID val with seed 0, then
+ * the other seeds. Adds the method's entry to `methods`. */
+static int fit_method(fit_state *fs, int method, cJSON *methods) {
+    const fit_config *cfg = fs->cfg;
+    const char *name = levi_method_name((levi_method)method);
+    float grid[LEVI_MAX_GRID];
+    int n_lr = fit_lr_grid(cfg, method, grid);
+    double lr_val[LEVI_MAX_GRID];
+    int best = 0, rc = LEVI_EXIT_OK;
+    char dir[FIT_PATH_MAX], label[128];
+    cJSON *results[FIT_MAX_SEEDS] = {0};
+    printf("\n== %s: %s ==\n", name, levi_report_method_label(name));
+    lr_val[0] = NAN;
+    if (n_lr > 1) {
+        /* Every candidate is a full seed-0 run in lr-search/. */
+        for (int i = 0; i < n_lr; i++) {
+            grid_run_dir(cfg, method, grid[i], dir, sizeof dir);
+            snprintf(label, sizeof label, "%s lr %g seed 0", name, (double)grid[i]);
+            cJSON *r = NULL;
+            if ((rc = run_one(fs, method, grid[i], 0, dir, label, &r)) != LEVI_EXIT_OK) return rc;
+            lr_val[i] = set_value(r, "id_val");
+            cJSON_Delete(r);
+            if (levi_cli_interrupted) return LEVI_EXIT_INTERRUPTED;
+        }
+        if ((rc = choose_lr(fs, method, grid, n_lr, lr_val, &best)) != LEVI_EXIT_OK) return rc;
+    }
+    for (int seed = 0; seed < cfg->seeds && rc == LEVI_EXIT_OK; seed++) {
+        fit_run_dir(cfg, method, seed, dir, sizeof dir);
+        snprintf(label, sizeof label, "%s seed %d", name, seed);
+        rc = run_one(fs, method, grid[best], seed, dir, label, &results[seed]);
+        if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+    }
+    if (rc == LEVI_EXIT_OK)
+        add_method_entry(method, grid, n_lr, best, lr_val, cfg->seeds, results, methods);
+    for (int seed = 0; seed < cfg->seeds; seed++) cJSON_Delete(results[seed]);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * --jobs N: runs in worker processes. After the pipeline is loaded the parent fork()s one
+ * process per run (the features are shared copy-on-write, not reloaded); each trains its run
+ * with one thread through run_one, exactly as --jobs 1 --threads 1 would, so the results are
+ * the same to the bit. Workers never write to the terminal: their stdout and stderr come to
+ * the parent through pipes, their training progress through a third one (run_msg records),
+ * and the parent prints the lines and draws the board. Order: every method's LR-search runs
+ * first (independent), then the seeds of each method as soon as its learning rate is known;
+ * methods without a search (the bias model, a one-entry --lrs) can go at any time.
+ * Two processes with one thread each beat one process with two: a training step is a chain
+ * of small GEMMs where two threads mostly wait for each other. */
+typedef enum {
+    JOB_BLOCKED, /* a seed run waiting for its method's learning rate */
+    JOB_READY,
+    JOB_RUNNING,
+    JOB_DONE,   /* finished: its result is in the plan */
+    JOB_STOPPED /* failed or interrupted */
+} job_state;
+
+typedef struct fit_job {
+    int mi;     /* index into cfg->methods and the plans */
+    int grid_i; /* index into the method's grid for an LR-search run; -1 for a seed run */
+    int seed;
+    float lr;
+    job_state state;
+    char dir[FIT_PATH_MAX], label[128];
+    pid_t pid;
+    int fd[3]; /* read ends: child's stdout, stderr, run_msg records; -1 when closed */
+    int reaped, wstatus;
+    char line[2][1024]; /* partial output lines */
+    size_t line_len[2];
+    unsigned char rec[sizeof(run_msg)];
+    size_t rec_len;
+    run_msg last; /* latest record */
+    int have_msg;
+    double val, best_val;  /* latest and best ID-val metric seen (NaN before the first epoch) */
+    double rate;           /* latest training examples/s (records after validation have none) */
+    double t_start, frac0; /* when it started; epochs already done then (resumed ones) */
+} fit_job;
+
+typedef struct method_plan {
+    int method;
+    float grid[LEVI_MAX_GRID];
+    int n_lr, best, grid_left;
+    double lr_val[LEVI_MAX_GRID];
+    cJSON *results[FIT_MAX_SEEDS];
+    double work_s, work_epochs; /* training seconds and epochs measured this session */
+    int finished_runs, finished_epochs;
+} method_plan;
+
+typedef struct fit_sched {
+    fit_state *fs;
+    int jobs;
+    int n_jobs;
+    fit_job *job;
+    method_plan plan[FIT_MAX_METHODS];
+    levi_board *board;
+    double t0;
+    int stopping; /* 1 after SIGINT or a failure: start nothing, wait for the running ones */
+    int fail_rc;  /* exit code of the first failed run */
+    pid_t parent;
+    char fail_label[128];
+} fit_sched;
+
+/* Epochs of a run done so far, by its latest record. */
+static double job_epochs(const fit_job *j) {
+    if (!j->have_msg) return 0;
+    if (j->last.epoch_done || j->last.steps_per_epoch <= 0) return j->last.epoch;
+    return (j->last.epoch - 1) + (double)j->last.step / (double)j->last.steps_per_epoch;
+}
+
+/* Seconds of training left: each run is expected to take as many epochs as its method's
+ * finished runs took on average (the cap when none has finished yet), at the seconds per
+ * epoch its method's runs showed in this session; the sum is shared among the worker
+ * processes, but the fit cannot end before its longest remaining run. Negative while no run
+ * has shown a rate. */
+static double sched_eta(const fit_sched *s) {
+    double all_s = 0, all_e = 0;
+    for (int k = 0; k < s->fs->cfg->n_methods; k++) {
+        all_s += s->plan[k].work_s;
+        all_e += s->plan[k].work_epochs;
+    }
+    double per_epoch[FIT_MAX_METHODS], now = levi_now();
+    for (int i = 0; i < s->n_jobs; i++) {
+        const fit_job *j = &s->job[i];
+        if (j->state != JOB_RUNNING || !j->have_msg) continue;
+        all_s += now - j->t_start;
+        all_e += job_epochs(j) - j->frac0;
+    }
+    for (int k = 0; k < s->fs->cfg->n_methods; k++) {
+        const method_plan *p = &s->plan[k];
+        double ws = p->work_s, we = p->work_epochs;
+        for (int i = 0; i < s->n_jobs; i++) {
+            const fit_job *j = &s->job[i];
+            if (j->mi != k || j->state != JOB_RUNNING || !j->have_msg) continue;
+            ws += now - j->t_start;
+            we += job_epochs(j) - j->frac0;
+        }
+        per_epoch[k] = we > 0.2 ? ws / we : all_e > 0.2 ? all_s / all_e : -1;
+    }
+    double left = 0, longest = 0;
+    for (int i = 0; i < s->n_jobs; i++) {
+        const fit_job *j = &s->job[i];
+        const method_plan *p = &s->plan[j->mi];
+        if (j->state == JOB_DONE || j->state == JOB_STOPPED || p->method == LEVI_METHOD_BIAS)
+            continue;
+        if (per_epoch[j->mi] < 0) return -1;
+        double expect = p->finished_runs ? (double)p->finished_epochs / p->finished_runs
+                                         : (double)s->fs->cfg->epochs;
+        double e = expect - (j->state == JOB_RUNNING ? job_epochs(j) : 0);
+        double sec = (e > 0.5 ? e : 0.5) * per_epoch[j->mi];
+        left += sec;
+        if (sec > longest) longest = sec;
+    }
+    return left / s->jobs > longest ? left / s->jobs : longest;
+}
+
+static void sched_draw(fit_sched *s, int force) {
+    if (!s->board) return;
+    char lines[FIT_MAX_METHODS * (LEVI_MAX_GRID + FIT_MAX_SEEDS) + 1][320];
+    const char *ptr[sizeof lines / sizeof lines[0]];
+    char log_line[1024], eta[32], el[32];
+    int n = 0, done = 0, running = 0;
+    size_t ll = (size_t)snprintf(log_line, sizeof log_line, "progress:");
+    for (int i = 0; i < s->n_jobs; i++) {
+        const fit_job *j = &s->job[i];
+        done += j->state == JOB_DONE;
+        if (j->state != JOB_RUNNING) continue;
+        running++;
+        char val[48] = "val -     ", rate[32] = "";
+        if (isfinite(j->val))
+            snprintf(val, sizeof val, "val %.4f%s", j->val, j->val == j->best_val ? "*" : " ");
+        if (j->rate > 0) snprintf(rate, sizeof rate, "%6.0f ex/s", j->rate);
+        levi_format_duration(el, sizeof el, levi_now() - j->t_start);
+        int pct = j->have_msg && j->last.steps_per_epoch > 0
+                      ? (int)(100 * j->last.step / j->last.steps_per_epoch)
+                      : 0;
+        if (j->have_msg)
+            snprintf(lines[n], sizeof lines[n], "  %-28s epoch %2d/%d %3d%%  %s  %s  %s", j->label,
+                     j->last.epoch, s->fs->cfg->epochs, pct > 100 ? 100 : pct, val, rate, el);
+        else /* before the first step, or the bias model's closed-form fit */
+            snprintf(lines[n], sizeof lines[n], "  %-28s starting  %s", j->label, el);
+        ptr[n] = lines[n];
+        n++;
+        if (ll < sizeof log_line)
+            ll += (size_t)snprintf(log_line + ll, sizeof log_line - ll, " [%s epoch %d %s]",
+                                   j->label, j->have_msg ? j->last.epoch : 0, val);
+    }
+    levi_format_duration(eta, sizeof eta, sched_eta(s));
+    levi_format_duration(el, sizeof el, levi_now() - s->t0);
+    snprintf(lines[n], sizeof lines[n],
+             "runs: %d of %d done, %d running (%d processes)  elapsed %s  ETA ~%s", done, s->n_jobs,
+             running, s->jobs, el, eta);
+    ptr[n] = lines[n];
+    n++;
+    if (ll < sizeof log_line)
+        snprintf(log_line + ll, sizeof log_line - ll, " %d of %d runs done, elapsed %s, ETA ~%s",
+                 done, s->n_jobs, el, eta);
+    levi_board_draw(s->board, ptr, n, log_line, force);
+}
+
+/* A finished run (trained now or earlier): records its result where the plan needs it and,
+ * when it was the last LR-search run of its method, chooses the learning rate and lets the
+ * method's seeds go. Returns an exit code. */
+static int sched_job_done(fit_sched *s, fit_job *j, cJSON *result) {
+    method_plan *p = &s->plan[j->mi];
+    j->state = JOB_DONE;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(result, "train");
+    const cJSON *er = cJSON_GetObjectItemCaseSensitive(t, "epochs_run");
+    if (cJSON_IsNumber(er)) {
+        p->finished_runs++;
+        p->finished_epochs += er->valueint;
+    }
+    if (j->grid_i >= 0) {
+        p->lr_val[j->grid_i] = set_value(result, "id_val");
+        cJSON_Delete(result);
+        if (--p->grid_left > 0) return LEVI_EXIT_OK;
+        levi_board_clear(s->board);
+        int rc = choose_lr(s->fs, p->method, p->grid, p->n_lr, p->lr_val, &p->best);
+        if (rc != LEVI_EXIT_OK) return rc;
+        for (int i = 0; i < s->n_jobs; i++) {
+            fit_job *o = &s->job[i];
+            if (o->mi != j->mi || o->grid_i >= 0) continue;
+            o->lr = p->grid[p->best];
+            o->state = JOB_READY;
+        }
+        return LEVI_EXIT_OK;
+    }
+    p->results[j->seed] = result;
     return LEVI_EXIT_OK;
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+/* In the worker: the signals only ask the run to stop at its next step (a second one must not
+ * kill it before it saves, as main()'s handler would: the parent forwards the user's SIGINT
+ * and the terminal may deliver it too). */
+static void on_worker_signal(int sig) {
+    (void)sig;
+    levi_cli_interrupted = 1;
+}
+
+/* The worker process: one run, one thread, output to the pipes. Never returns. */
+static void worker_main(fit_sched *s, fit_job *j, const int out[3]) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_worker_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+#ifdef __linux__
+    /* A parent killed outright (SIGKILL) takes its workers along, each at a safe point. */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+#endif
+    if (getppid() != s->parent) levi_cli_interrupted = 1; /* it died before prctl */
+    for (int i = 0; i < s->n_jobs; i++)
+        if (&s->job[i] != j)
+            for (int k = 0; k < 3; k++) close_fd(&s->job[i].fd[k]);
+    for (int k = 0; k < 3; k++) close_fd(&j->fd[k]);
+    if (dup2(out[0], 1) < 0 || dup2(out[1], 2) < 0) _exit(LEVI_EXIT_FAILURE);
+    close(out[0]);
+    close(out[1]);
+    levi_set_num_threads(1);
+    s->fs->progress_fd = out[2];
+    cJSON *r = NULL;
+    int rc = run_one(s->fs, s->plan[j->mi].method, j->lr, j->seed, j->dir, j->label, &r);
+    cJSON_Delete(r);
+    fflush(stdout);
+    fflush(stderr);
+    /* _exit: the parent's atexit handlers and stdio buffers are not this process's to run. */
+    _exit(rc);
+}
+
+/* Starts job j: finished earlier -> done at once; else a worker process. Exit code. */
+static int sched_start(fit_sched *s, fit_job *j) {
+    cJSON *r = NULL;
+    levi_board_clear(s->board);
+    if (run_finished(s->fs, NULL, s->plan[j->mi].method, j->lr, j->seed, j->dir, j->label, 1, &r)) {
+        fflush(stdout);
+        return sched_job_done(s, j, fit_json_roundtrip(r));
+    }
+    fflush(stdout);
+    int rd[3], wr[3];
+    for (int k = 0; k < 3; k++) {
+        int p[2];
+        if (pipe(p) != 0) {
+            fprintf(stderr, "levi fit: cannot create a pipe for %s: %s\n", j->label,
+                    strerror(errno));
+            for (int q = 0; q < k; q++) {
+                close(rd[q]);
+                close(wr[q]);
+            }
+            return LEVI_EXIT_FAILURE;
+        }
+        rd[k] = p[0];
+        wr[k] = p[1];
+    }
+    fflush(stdout);
+    fflush(stderr);
+    s->parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "levi fit: cannot start a process for %s: %s\n", j->label, strerror(errno));
+        for (int k = 0; k < 3; k++) {
+            close(rd[k]);
+            close(wr[k]);
+        }
+        return LEVI_EXIT_FAILURE;
+    }
+    if (pid == 0) {
+        for (int k = 0; k < 3; k++) close(rd[k]);
+        worker_main(s, j, wr);
+    }
+    for (int k = 0; k < 3; k++) {
+        close(wr[k]);
+        j->fd[k] = rd[k];
+    }
+    j->pid = pid;
+    j->reaped = 0;
+    j->state = JOB_RUNNING;
+    j->t_start = levi_now();
+    j->val = j->best_val = NAN;
+    return LEVI_EXIT_OK;
+}
+
+/* Reads what fd k of a running job has: output lines go out above the board, records
+ * update its state. */
+static void sched_read(fit_sched *s, fit_job *j, int k) {
+    char buf[4096];
+    ssize_t n = read(j->fd[k], buf, sizeof buf);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+    if (n <= 0) {
+        if (k < 2 && j->line_len[k] > 0) {
+            j->line[k][j->line_len[k]] = 0;
+            levi_board_print(s->board, k == 0 ? stdout : stderr, j->line[k]);
+            j->line_len[k] = 0;
+        }
+        close_fd(&j->fd[k]);
+        return;
+    }
+    for (ssize_t i = 0; i < n; i++) {
+        if (k == 2) {
+            j->rec[j->rec_len++] = (unsigned char)buf[i];
+            if (j->rec_len < sizeof j->rec) continue;
+            j->rec_len = 0;
+            run_msg m;
+            memcpy(&m, j->rec, sizeof m);
+            if (!j->have_msg) j->frac0 = m.epoch - 1;
+            j->last = m;
+            j->have_msg = 1;
+            if (!m.epoch_done) j->rate = m.examples_per_s;
+            if (m.epoch_done) {
+                j->val = m.val_metric;
+                if (m.improved || !isfinite(j->best_val)) j->best_val = m.val_metric;
+            }
+            continue;
+        }
+        char c = buf[i];
+        /* Lines longer than the buffer go out in pieces. */
+        if (c != '\n' && j->line_len[k] < sizeof j->line[k] - 1) {
+            j->line[k][j->line_len[k]++] = c;
+            continue;
+        }
+        if (c != '\n') j->line[k][j->line_len[k]++] = c;
+        j->line[k][j->line_len[k]] = 0;
+        levi_board_print(s->board, k == 0 ? stdout : stderr, j->line[k]);
+        j->line_len[k] = 0;
+    }
+}
+
+/* A worker has exited and its pipes are drained: collect its run. */
+static int sched_finish(fit_sched *s, fit_job *j) {
+    int code = WIFEXITED(j->wstatus) ? WEXITSTATUS(j->wstatus) : LEVI_EXIT_FAILURE;
+    j->state = JOB_STOPPED;
+    if (code == LEVI_EXIT_OK) {
+        method_plan *p = &s->plan[j->mi];
+        if (j->have_msg) {
+            p->work_s += levi_now() - j->t_start;
+            p->work_epochs += job_epochs(j) - j->frac0;
+        }
+        cJSON *r = NULL;
+        if (run_finished(s->fs, NULL, p->method, j->lr, j->seed, j->dir, j->label, 0, &r))
+            return sched_job_done(s, j, fit_json_roundtrip(r));
+        fprintf(stderr, "levi fit: %s: the worker process ended without writing %s/result.json\n",
+                j->label, j->dir);
+        code = LEVI_EXIT_FAILURE;
+    } else if (WIFSIGNALED(j->wstatus)) {
+        fprintf(stderr, "levi fit: %s: the worker process was killed by signal %d\n", j->label,
+                WTERMSIG(j->wstatus));
+    }
+    return code;
+}
+
+static void sched_stop(fit_sched *s) {
+    if (s->stopping) return;
+    s->stopping = 1;
+    for (int i = 0; i < s->n_jobs; i++)
+        if (s->job[i].state == JOB_RUNNING && !s->job[i].reaped) kill(s->job[i].pid, SIGINT);
+}
+
+/* Runs every job with at most s->jobs workers at a time. Returns an exit code: the first
+ * failed run's, 130 when interrupted. */
+static int sched_run(fit_sched *s) {
+    for (;;) {
+        if (levi_cli_interrupted) sched_stop(s);
+        int running = 0, waiting = 0;
+        for (int i = 0; i < s->n_jobs; i++) running += s->job[i].state == JOB_RUNNING;
+        /* Start ready jobs in order (the array is in priority order). */
+        for (int i = 0; i < s->n_jobs && !s->stopping && !levi_cli_interrupted && running < s->jobs;
+             i++) {
+            fit_job *j = &s->job[i];
+            if (j->state != JOB_READY) continue;
+            int rc = sched_start(s, j);
+            if (rc != LEVI_EXIT_OK) {
+                s->fail_rc = rc;
+                snprintf(s->fail_label, sizeof s->fail_label, "%s", j->label);
+                sched_stop(s);
+                break;
+            }
+            if (j->state == JOB_RUNNING) running++;
+            /* A finished grid may have made earlier jobs ready: look again from the top. */
+            i = -1;
+        }
+        for (int i = 0; i < s->n_jobs; i++)
+            waiting += s->job[i].state == JOB_READY || s->job[i].state == JOB_BLOCKED;
+        if (running == 0) {
+            if (waiting == 0 || s->stopping) break;
+            /* Nothing runs and nothing can start: a plan that cannot finish (a bug). */
+            LEVI_ASSERT(0, "levi fit: run scheduler stalled");
+        }
+        struct pollfd pfd[FIT_MAX_METHODS * (LEVI_MAX_GRID + FIT_MAX_SEEDS) * 3];
+        int owner[sizeof pfd / sizeof pfd[0]], which[sizeof pfd / sizeof pfd[0]], np = 0;
+        for (int i = 0; i < s->n_jobs; i++)
+            for (int k = 0; k < 3; k++)
+                if (s->job[i].state == JOB_RUNNING && s->job[i].fd[k] >= 0) {
+                    pfd[np].fd = s->job[i].fd[k];
+                    pfd[np].events = POLLIN;
+                    owner[np] = i;
+                    which[np++] = k;
+                }
+        int pr = poll(pfd, (nfds_t)np, 200);
+        if (pr > 0)
+            for (int q = 0; q < np; q++)
+                if (pfd[q].revents & (POLLIN | POLLHUP | POLLERR))
+                    sched_read(s, &s->job[owner[q]], which[q]);
+        for (int i = 0; i < s->n_jobs; i++) {
+            fit_job *j = &s->job[i];
+            if (j->state != JOB_RUNNING) continue;
+            if (!j->reaped && waitpid(j->pid, &j->wstatus, WNOHANG) == j->pid) j->reaped = 1;
+            if (!j->reaped || j->fd[0] >= 0 || j->fd[1] >= 0 || j->fd[2] >= 0) continue;
+            int rc = sched_finish(s, j);
+            if (rc != LEVI_EXIT_OK && !s->fail_rc &&
+                !(s->stopping && rc == LEVI_EXIT_INTERRUPTED)) {
+                s->fail_rc = rc;
+                snprintf(s->fail_label, sizeof s->fail_label, "%s", j->label);
+                sched_stop(s);
+            }
+        }
+        sched_draw(s, 0);
+    }
+    if (s->fail_rc) {
+        fprintf(stderr, "levi fit: %s failed (exit code %d); stopped the other runs\n",
+                s->fail_label, s->fail_rc);
+        return s->fail_rc;
+    }
+    return s->stopping || levi_cli_interrupted ? LEVI_EXIT_INTERRUPTED : LEVI_EXIT_OK;
+}
+
+/* The jobs of every method, in priority order: LR-search runs, then seed runs. *to_train
+ * counts the runs that have no finished result: seeds waiting for a search count too, but
+ * not seed 0, which will be the search's winner. */
+static void sched_plan(fit_sched *s, int *to_train) {
+    const fit_config *cfg = s->fs->cfg;
+    int cap = 0;
+    for (int k = 0; k < cfg->n_methods; k++) {
+        method_plan *p = &s->plan[k];
+        p->method = cfg->methods[k];
+        p->n_lr = fit_lr_grid(cfg, p->method, p->grid);
+        p->grid_left = p->n_lr > 1 ? p->n_lr : 0;
+        p->lr_val[0] = NAN;
+        cap += p->grid_left + cfg->seeds;
+    }
+    s->job = levi_xcalloc((size_t)cap, sizeof *s->job);
+    *to_train = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int k = 0; k < cfg->n_methods; k++) {
+            method_plan *p = &s->plan[k];
+            const char *name = levi_method_name((levi_method)p->method);
+            int n = pass == 0 ? p->grid_left : cfg->seeds;
+            for (int i = 0; i < n; i++) {
+                fit_job *j = &s->job[s->n_jobs++];
+                j->mi = k;
+                j->grid_i = pass == 0 ? i : -1;
+                j->seed = pass == 0 ? 0 : i;
+                j->lr = pass == 0 ? p->grid[i] : p->grid[0];
+                j->state = pass == 0 || p->n_lr == 1 ? JOB_READY : JOB_BLOCKED;
+                for (int q = 0; q < 3; q++) j->fd[q] = -1;
+                j->val = j->best_val = NAN;
+                if (pass == 0) {
+                    grid_run_dir(cfg, p->method, j->lr, j->dir, sizeof j->dir);
+                    snprintf(j->label, sizeof j->label, "%s lr %g seed 0", name, (double)j->lr);
+                } else {
+                    fit_run_dir(cfg, p->method, j->seed, j->dir, sizeof j->dir);
+                    snprintf(j->label, sizeof j->label, "%s seed %d", name, j->seed);
+                }
+                cJSON *r = NULL;
+                if (j->state == JOB_BLOCKED)
+                    *to_train += j->seed > 0;
+                else if (!run_finished(s->fs, NULL, p->method, j->lr, j->seed, j->dir, j->label, 0,
+                                       &r))
+                    ++*to_train;
+                cJSON_Delete(r);
+            }
+        }
+}
+
+/* All methods with worker processes; adds their entries to `methods`. Exit code. */
+static int fit_parallel(fit_sched *s, int to_train, cJSON *methods) {
+    const fit_config *cfg = s->fs->cfg;
+    printf("\ntraining %d runs in %d worker processes, one thread each\n", to_train, s->jobs);
+    fflush(stdout);
+    s->t0 = levi_now();
+    s->board = levi_board_start(60);
+    int rc = sched_run(s);
+    sched_draw(s, 1);
+    levi_board_finish(s->board);
+    s->board = NULL;
+    for (int k = 0; k < cfg->n_methods && rc == LEVI_EXIT_OK; k++) {
+        method_plan *p = &s->plan[k];
+        add_method_entry(p->method, p->grid, p->n_lr, p->best, p->lr_val, cfg->seeds, p->results,
+                         methods);
+    }
+    for (int k = 0; k < cfg->n_methods; k++)
+        for (int seed = 0; seed < cfg->seeds; seed++) cJSON_Delete(s->plan[k].results[seed]);
+    levi_free(s->job);
+    return rc;
 }
 
 int levi_cmd_fit(int argc, char **argv) {
@@ -739,8 +1329,9 @@ int levi_cmd_fit(int argc, char **argv) {
     }
     fit_config *cfg = &a.cfg;
     if (a.print_spec) {
-        if (strcmp(cfg->target, "movielens") == 0) {
-            fputs(fit_movielens_spec, stdout);
+        const char *builtin = fit_builtin_spec(cfg->target);
+        if (builtin) {
+            fputs(builtin, stdout);
             return LEVI_EXIT_OK;
         }
         levi_error err;
@@ -784,12 +1375,30 @@ int levi_cmd_fit(int argc, char **argv) {
     }
     printf("output: %s\n", cfg->out);
 
-    fit_state fs = {cfg, &ctx};
+    fit_state fs = {cfg, &ctx, -1};
     cJSON *results = fit_results_header(cfg, &ctx, "fit");
     cJSON *methods = cJSON_AddArrayToObject(results, "methods");
     double t_train = levi_now();
-    for (int i = 0; i < cfg->n_methods && rc == LEVI_EXIT_OK; i++)
-        rc = fit_method(&fs, cfg->methods[i], methods);
+    /* Worker processes only pay off with two runs or more to train; a rerun that finds
+       everything finished, or one run left, goes the --jobs 1 way. */
+    long jobs = a.jobs;
+    if (jobs == 0) jobs = sysconf(_SC_NPROCESSORS_ONLN);
+    fit_sched sched;
+    memset(&sched, 0, sizeof sched);
+    sched.fs = &fs;
+    int to_train = 0;
+    if (jobs > 1) {
+        sched_plan(&sched, &to_train);
+        if (to_train < jobs) jobs = to_train;
+    }
+    if (jobs > 1) {
+        sched.jobs = (int)jobs;
+        rc = fit_parallel(&sched, to_train, methods);
+    } else {
+        levi_free(sched.job);
+        for (int i = 0; i < cfg->n_methods && rc == LEVI_EXIT_OK; i++)
+            rc = fit_method(&fs, cfg->methods[i], methods);
+    }
     if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
     if (rc != LEVI_EXIT_OK) {
         if (rc == LEVI_EXIT_INTERRUPTED)

@@ -32,9 +32,9 @@ void fit_print_builtins(FILE *f) {
         cJSON *doc = cJSON_Parse(levi_builtin_specs[i].text);
         const cJSON *d = cJSON_GetObjectItemCaseSensitive(doc, "description");
         const char *desc = cJSON_IsString(d) ? d->valuestring : "";
-        int len = (int)strcspn(desc, ".(");
-        while (len > 0 && desc[len - 1] == ' ') len--;
-        fprintf(f, "  %-20s %.*s\n", levi_builtin_specs[i].name, len, desc);
+        const char *stop = strstr(desc, ". ");
+        int len = stop ? (int)(stop - desc) : (int)strlen(desc);
+        fprintf(f, "  %-26s %.*s\n", levi_builtin_specs[i].name, len, desc);
         cJSON_Delete(doc);
     }
 }
