@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <utf8proc.h>
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
@@ -509,7 +510,7 @@ static void test_spec_errors(void **state) {
                           NULL, &s, &e),
                &e, LEVI_ERR_FORMAT,
                "spec.json: labels: unknown key (expected one of: name, description, source, "
-               "label, categorical, numeric, text, shift, split, expect)");
+               "label, categorical, numeric, text, text_max_tokens, shift, split, expect)");
     assert_null(s);
     expect_msg(parse_spec(SPEC("{%s, \"label\": {\"column\": \"y\", \"task\": \"regression\"}, "
                                "\"categorical\": [\"a\", \"b\", {\"column\": \"c\", "
@@ -545,7 +546,8 @@ static void test_spec_errors(void **state) {
                                "{\"column\": \"y\", \"task\": \"regression\"}}"),
                           NULL, &s, &e),
                &e, LEVI_ERR_FORMAT,
-               "spec.json: source.reader: expected \"csv\", \"tsv\", \"jsonl\" or \"movielens\", "
+               "spec.json: source.reader: expected \"csv\", \"tsv\", \"jsonl\", \"movielens\" or "
+               "\"amazon\", "
                "found \"xml\"");
     expect_msg(parse_spec(SPEC("{\"source\": {\"reader\": \"csv\", \"path\": \"a\", \"encoding\": "
                                "\"cp1252\"}, \"label\": {\"column\": \"y\", \"task\": "
@@ -968,6 +970,420 @@ static void test_movielens_recbole(void **state) {
     levi_table_free(b);
 }
 
+/* ---- Amazon reviews ------------------------------------------------------------------------ */
+
+/* Whole-string UTF-8 validity (utf8proc rejects overlongs, surrogates and stray bytes). */
+static int utf8_ok(const char *s) {
+    const utf8proc_uint8_t *p = (const utf8proc_uint8_t *)s;
+    utf8proc_ssize_t len = (utf8proc_ssize_t)strlen(s), i = 0;
+    while (i < len) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t n = utf8proc_iterate(p + i, len - i, &cp);
+        if (n <= 0) return 0;
+        i += n;
+    }
+    return 1;
+}
+
+/* One review in the Blitzer layout; NULL fields are left out. */
+static void review(char *out, size_t cap, const char *asin, const char *rating, const char *date,
+                   const char *text) {
+    size_t w = (size_t)snprintf(out, cap, "<review>\n<unique_id>\n%s:x\n</unique_id>\n", asin);
+    if (asin) w += (size_t)snprintf(out + w, cap - w, "<asin>\n%s\n</asin>\n", asin);
+    w += (size_t)snprintf(out + w, cap - w, "<product_name>\nName of %s\n</product_name>\n", asin);
+    if (rating) w += (size_t)snprintf(out + w, cap - w, "<rating>\n%s\n</rating>\n", rating);
+    if (date) w += (size_t)snprintf(out + w, cap - w, "<date>\n%s\n</date>\n", date);
+    w += (size_t)snprintf(out + w, cap - w, "<reviewer>\nR %s\n</reviewer>\n", asin);
+    if (text) w += (size_t)snprintf(out + w, cap - w, "<review_text>\n%s\n</review_text>\n", text);
+    snprintf(out + w, cap - w, "</review>\n");
+}
+
+static void make_domain(const char *root, const char *domain, char *dir, size_t cap) {
+    int n = snprintf(dir, cap, "%s/%s", root, domain);
+    assert_true(n > 0 && (size_t)n < cap);
+    assert_int_equal(mkdir(dir, 0755), 0);
+}
+
+/* The synthetic tree: alpha/{negative,positive}.review, beta/negative.review, an empty folder
+ * and a stray file (both skipped). */
+static void amazon_fixture(char *root, size_t cap) {
+    levi_test_tmpdir(root, cap);
+    char dir[4096], a[1024], b[1024];
+    make_domain(root, "beta", dir, sizeof dir);
+    review(a, sizeof a, "B1", "1.0", "", "empty date");
+    write_str(dir, "negative.review", a);
+    make_domain(root, "alpha", dir, sizeof dir);
+    /* A byte-order mark, a full record with an unknown field, entities, raw '&' and '<',
+     * Windows-1252 and Latin-1 bytes, a 0x1A control byte and CRLF line ends. */
+    const char pos[] =
+        "\xEF\xBB\xBF\r\n<review>\r\n<unique_id>\r\nP1:t:r\r\n</unique_id>\r\n<asin>\r\n P1 \r\n"
+        "</asin>\r\n<product_name>\r\nThe &quot;Best&quot; &amp; Co &#8217;s &#x41;&#1; & <b>\r\n"
+        "</product_name>\r\n<product_type>\r\nbooks\r\n</product_type>\r\n<helpful>\r\n1 of 2\r\n"
+        "</helpful>\r\n<rating>\r\n5.0\r\n</rating>\r\n<title>\r\nCaf\xE9 \x92yes\x92\x1A!\r\n"
+        "</title>\r\n<date>\r\nFebruary 29, 2004\r\n</date>\r\n<reviewer>\r\nJo\r\n</reviewer>\r\n"
+        "<reviewer_location>\r\nParis\r\n</reviewer_location>\r\n<extra>\r\nignored\r\n</extra>\r\n"
+        "<review_text>\r\nFirst line <3 & more\r\n\r\n<title>\r\nlast line\r\n</review_text>\r\n"
+        "</review>\r\n";
+    write_file(dir, "positive.review", pos, sizeof pos - 1);
+    review(a, sizeof a, "N1", "2.0", "December 31, 1999", "bad");
+    review(b, sizeof b, "N2", "1", "March 5, 2006", "worse");
+    char both[2048];
+    snprintf(both, sizeof both, "%s\n%s", a, b);
+    write_str(dir, "negative.review", both);
+    make_domain(root, "empty", dir, sizeof dir);
+    write_str(root, "README", "not a domain\n");
+}
+
+static void test_amazon_reader(void **state) {
+    (void)state;
+    char root[4096], path[4200];
+    amazon_fixture(root, sizeof root);
+    levi_table *t;
+    levi_error e;
+    assert_int_equal(levi_amazon_read(root, &t, &e), LEVI_OK);
+    assert_int_equal(levi_table_num_columns(t), LEVI_AMAZON_NUM_COLUMNS);
+    const char *cols[] = {"domain",       "polarity",     "unique_id", "asin",
+                          "product_name", "product_type", "helpful",   "rating",
+                          "title",        "date",         "reviewer",  "reviewer_location",
+                          "review_text"};
+    for (int c = 0; c < LEVI_AMAZON_NUM_COLUMNS; c++)
+        assert_string_equal(levi_table_column_name(t, c), cols[c]);
+    /* Folders in byte order, negative before positive. */
+    assert_int_equal(levi_table_num_rows(t), 4);
+    const char *want[4][13] = {{"alpha", "negative", "N1:x", "N1", "Name of N1", "", "", "2.0", "",
+                                "1999-12-31", "R N1", "", "bad"},
+                               {"alpha", "negative", "N2:x", "N2", "Name of N2", "", "", "1", "",
+                                "2006-03-05", "R N2", "", "worse"},
+                               {"alpha", "positive", "P1:t:r", "P1",
+                                "The \"Best\" & Co \xE2\x80\x99s A&#1; & <b>", "books", "1 of 2",
+                                "5.0", "Caf\xC3\xA9 \xE2\x80\x99yes\xE2\x80\x99 !", "2004-02-29",
+                                "Jo", "Paris", "First line <3 & more\n\n<title>\nlast line"},
+                               {"beta", "negative", "B1:x", "B1", "Name of B1", "", "", "1.0", "",
+                                "", "R B1", "", "empty date"}};
+    for (int64_t i = 0; i < 4; i++)
+        for (int c = 0; c < LEVI_AMAZON_NUM_COLUMNS; c++) {
+            if (strcmp(levi_table_cell(t, i, c), want[i][c]) != 0)
+                print_error("row %lld column %s: got \"%s\"\n", (long long)i, cols[c],
+                            levi_table_cell(t, i, c));
+            assert_string_equal(levi_table_cell(t, i, c), want[i][c]);
+        }
+    /* Each row names its own file and the line of its <review>. */
+    snprintf(path, sizeof path, "%s/alpha/negative.review", root);
+    assert_string_equal(levi_table_row_source(t, 1), path);
+    assert_int_equal(levi_table_line(t, 0), 1);
+    assert_int_equal(levi_table_line(t, 1), 25); /* 23 lines per record, one blank between */
+    snprintf(path, sizeof path, "%s/alpha/positive.review", root);
+    assert_string_equal(levi_table_row_source(t, 2), path);
+    assert_int_equal(levi_table_line(t, 2), 2);
+    snprintf(path, sizeof path, "%s/beta/negative.review", root);
+    assert_string_equal(levi_table_row_source(t, 3), path);
+    assert_string_equal(levi_table_source(t), root);
+    for (int64_t i = 0; i < 4; i++)
+        for (int c = 0; c < LEVI_AMAZON_NUM_COLUMNS; c++)
+            assert_true(utf8_ok(levi_table_cell(t, i, c)));
+    levi_table_free(t);
+    remove_dir(root);
+}
+
+/* One domain folder with one negative.review holding `body`; returns the reader's status. */
+static levi_status amazon_one(const char *body, char *root, size_t cap, levi_error *e) {
+    levi_test_tmpdir(root, cap);
+    char dir[4096];
+    make_domain(root, "d", dir, sizeof dir);
+    write_str(dir, "negative.review", body);
+    levi_table *t = NULL;
+    levi_status st = levi_amazon_read(root, &t, e);
+    assert_true(st != LEVI_OK || t != NULL);
+    levi_table_free(t);
+    return st;
+}
+
+static void expect_amazon_error(const char *body, int line, const char *msg) {
+    char root[4096], want[4096 + 512];
+    levi_error e;
+    levi_status st = amazon_one(body, root, sizeof root, &e);
+    snprintf(want, sizeof want, "%s/d/negative.review:%d: %s", root, line, msg);
+    expect_msg(st, &e, LEVI_ERR_FORMAT, want);
+    remove_dir(root);
+}
+
+static void test_amazon_errors(void **state) {
+    (void)state;
+    char rec[1024], body[2048];
+    /* A record cut short: no </review> at the end of the file (23 lines per record). */
+    review(rec, sizeof rec, "A", "4.0", "July 1, 2006", "ok");
+    snprintf(body, sizeof body, "%.*s", (int)(strlen(rec) - strlen("</review>\n")), rec);
+    expect_amazon_error(body, 22,
+                        "expected </review> closing the review at line 1, found the end of the "
+                        "file");
+    /* A field without its closing tag runs into the record's end. */
+    expect_amazon_error("<review>\n<asin>\nA\n</asin>\n<review_text>\nsome text\n</review>\n", 7,
+                        "expected </review_text> closing the <review_text> at line 5, found "
+                        "\"</review>\"");
+    expect_amazon_error("<review>\n<review_text>\nsome text", 3,
+                        "expected </review_text> closing the <review_text> at line 2, found the "
+                        "end of the file");
+    /* Missing fields. */
+    review(rec, sizeof rec, "A", NULL, "July 1, 2006", "ok");
+    expect_amazon_error(rec, 1,
+                        "review: expected a <rating> field in the record, found none before its "
+                        "</review>");
+    review(rec, sizeof rec, "A", "4.0", NULL, "ok");
+    expect_amazon_error(rec, 1,
+                        "review: expected a <date> field in the record, found none before its "
+                        "</review>");
+    /* Bad values: the line is the value's own line. */
+    review(rec, sizeof rec, "A", "five", "July 1, 2006", "ok");
+    expect_amazon_error(rec, 12, "rating: expected a number from 1 to 5, found \"five\"");
+    review(rec, sizeof rec, "A", "6.0", "July 1, 2006", "ok");
+    expect_amazon_error(rec, 12, "rating: expected a number from 1 to 5, found \"6.0\"");
+    review(rec, sizeof rec, "A", "", "July 1, 2006", "ok");
+    expect_amazon_error(rec, 12, "rating: expected a number from 1 to 5, found \"\"");
+    review(rec, sizeof rec, "A", "4.0", "Julyy 1, 2006", "ok");
+    expect_amazon_error(rec, 15,
+                        "date: expected a date like \"July 1, 2006\", found \"Julyy 1, 2006\"");
+    review(rec, sizeof rec, "A", "4.0", "February 29, 2006", "ok");
+    expect_amazon_error(rec, 15,
+                        "date: expected a date like \"July 1, 2006\", found \"February 29, "
+                        "2006\"");
+    review(rec, sizeof rec, "A", "4.0", "2006-07-01", "ok");
+    expect_amazon_error(rec, 15,
+                        "date: expected a date like \"July 1, 2006\", found \"2006-07-01\"");
+    /* Structure. */
+    expect_amazon_error("\nstray text\n", 2, "expected <review>, found \"stray text\"");
+    expect_amazon_error("<review>\nloose\n</review>\n", 2,
+                        "expected a field tag such as <rating> or the </review> closing the "
+                        "review at line 1, found \"loose\"");
+    expect_amazon_error("<review>\n<asin>\nA\n</asin>\n<asin>\nB\n</asin>\n</review>\n", 5,
+                        "expected each field once per review, found a second <asin> (the first "
+                        "at line 2)");
+    expect_amazon_error("<review>\n<asin>\nA\n</asin>\n<review>\n", 5,
+                        "expected a field tag such as <rating> or the </review> closing the "
+                        "review at line 1, found \"<review>\"");
+
+    /* Folders: nothing there, a file, no domain. */
+    levi_table *t;
+    levi_error e;
+    char root[4096], want[4400];
+    levi_test_tmpdir(root, sizeof root);
+    snprintf(want, sizeof want,
+             "%s: expected domain folders holding positive.review or negative.review, found "
+             "none",
+             root);
+    expect_msg(levi_amazon_read(root, &t, &e), &e, LEVI_ERR_NOT_FOUND, want);
+    write_str(root, "f", "x");
+    char file[4200];
+    snprintf(file, sizeof file, "%s/f", root);
+    snprintf(want, sizeof want,
+             "%s: expected a folder of Amazon review domains (<domain>/positive.review, "
+             "<domain>/negative.review), found a file",
+             file);
+    expect_msg(levi_amazon_read(file, &t, &e), &e, LEVI_ERR_IO, want);
+    snprintf(file, sizeof file, "%s/nowhere", root);
+    assert_int_equal(levi_amazon_read(file, &t, &e), LEVI_ERR_IO);
+    assert_non_null(strstr(e.msg, "found nothing there"));
+    char dir[4200];
+    make_domain(root, "bad\xFF", dir, sizeof dir);
+    write_str(dir, "negative.review", "");
+    snprintf(want, sizeof want,
+             "%s: expected domain folder names in UTF-8, found byte 0xFF at offset 3 of a folder "
+             "name",
+             root);
+    expect_msg(levi_amazon_read(root, &t, &e), &e, LEVI_ERR_FORMAT, want);
+    remove_dir(root);
+}
+
+/* The reader through a spec: date cut on the ISO column, classification of polarity,
+ * OOD groups by domain, text_max_tokens, and errors that point into the right file. */
+static void test_amazon_spec(void **state) {
+    (void)state;
+    char root[4096], json[4096];
+    amazon_fixture(root, sizeof root);
+    levi_spec *s;
+    levi_error e;
+    int n = snprintf(
+        json, sizeof json,
+        "{\"source\": {\"reader\": \"amazon\", \"path\": \"%s\"},"
+        " \"label\": {\"column\": \"polarity\", \"task\": \"classification\","
+        " \"classes\": [\"negative\", \"positive\"]},"
+        " \"categorical\": [\"asin\"], \"text\": \"{review_text}\", \"text_max_tokens\": 64,"
+        " \"shift\": {\"id\": {\"all\": [{\"column\": \"domain\", \"any_of\": [\"alpha\"]},"
+        " {\"column\": \"date\", \"before\": \"2006-01-01\"}]},"
+        " \"ood\": {\"column\": \"domain\", \"none_of\": [\"alpha\"]},"
+        " \"ood_groups\": [{\"by_value\": \"domain\"}]},"
+        " \"split\": {\"seed\": 0, \"train\": 1, \"val\": 0, \"test\": 0},"
+        " \"expect\": {\"id_rows\": 2, \"ood_rows\": 1, \"ood_groups\": {\"beta\": 1}}}",
+        root);
+    assert_true(n > 0 && (size_t)n < sizeof json);
+    assert_int_equal(parse_spec(json, NULL, &s, &e), LEVI_OK);
+    assert_int_equal(levi_spec_text_max_tokens(s), 64);
+    levi_dataset *ds;
+    if (levi_dataset_load(s, &ds, &e) != LEVI_OK) print_error("%s\n", e.msg);
+    assert_non_null(ds);
+    assert_int_equal(levi_dataset_check_expected(ds, &e), LEVI_OK);
+    const uint8_t *tags = levi_dataset_split_tags(ds);
+    /* alpha 1999 and 2004 reviews are ID, alpha 2006 is excluded, beta is OOD. */
+    assert_int_equal(tags[0], LEVI_SPLIT_TRAIN);
+    assert_int_equal(tags[1], LEVI_SPLIT_EXCLUDED);
+    assert_int_equal(tags[2], LEVI_SPLIT_TRAIN);
+    assert_int_equal(tags[3], LEVI_SPLIT_OOD);
+    assert_int_equal(levi_dataset_num_classes(ds), 2);
+    assert_int_equal(levi_dataset_classes(ds)[0], 0);
+    assert_int_equal(levi_dataset_classes(ds)[2], 1);
+    assert_int_equal(levi_dataset_classes(ds)[3], 0);
+    assert_string_equal(levi_dataset_text(ds, 3), "empty date");
+    assert_string_equal(levi_dataset_group_name(ds, 0), "beta");
+    levi_dataset_free(ds);
+    levi_spec_free(s);
+
+    /* A date test that reaches the review with an empty date names its file and line. */
+    n = snprintf(json, sizeof json,
+                 "{\"source\": {\"reader\": \"amazon\", \"path\": \"%s\"},"
+                 " \"label\": {\"column\": \"rating\", \"task\": \"regression\"},"
+                 " \"shift\": {\"id\": {\"column\": \"date\", \"before\": \"2006-01-01\"}}}",
+                 root);
+    assert_true(n > 0 && (size_t)n < sizeof json);
+    assert_int_equal(parse_spec(json, NULL, &s, &e), LEVI_OK);
+    char want[4400];
+    snprintf(want, sizeof want,
+             "%s/beta/negative.review:1: date: expected a date in the format \"%%Y-%%m-%%d\" "
+             "(shift.id), found \"\"",
+             root);
+    expect_msg(levi_dataset_load(s, &ds, &e), &e, LEVI_ERR_FORMAT, want);
+    levi_spec_free(s);
+
+    /* Spec errors of the new keys. */
+    const char *src = "\"source\": {\"reader\": \"amazon\", \"path\": \"x\"}, \"label\": "
+                      "{\"column\": \"rating\", \"task\": \"regression\"}";
+    snprintf(json, sizeof json, "{%s, \"text\": \"{title}\", \"text_max_tokens\": 1}", src);
+    expect_msg(parse_spec(json, NULL, &s, &e), &e, LEVI_ERR_FORMAT,
+               "spec.json: text_max_tokens: expected an integer from 2 to 1048576, found 1");
+    snprintf(json, sizeof json, "{%s, \"text\": \"{title}\", \"text_max_tokens\": 64.5}", src);
+    expect_msg(parse_spec(json, NULL, &s, &e), &e, LEVI_ERR_FORMAT,
+               "spec.json: text_max_tokens: expected an integer from 2 to 1048576, found 64.5");
+    snprintf(json, sizeof json, "{%s, \"text_max_tokens\": 64}", src);
+    expect_msg(parse_spec(json, NULL, &s, &e), &e, LEVI_ERR_FORMAT,
+               "spec.json: text_max_tokens: expected it only with a \"text\" template, found no "
+               "template");
+    snprintf(json, sizeof json, "{%s, \"text\": \"{title}\"}", src);
+    assert_int_equal(parse_spec(json, NULL, &s, &e), LEVI_OK);
+    assert_int_equal(levi_spec_text_max_tokens(s), 0);
+    levi_spec_free(s);
+    expect_msg(parse_spec("{\"source\": {\"reader\": \"amazon\", \"path\": \"x\", \"encoding\": "
+                          "\"latin-1\"}, \"label\": {\"column\": \"y\", \"task\": "
+                          "\"regression\"}}",
+                          NULL, &s, &e),
+               &e, LEVI_ERR_FORMAT,
+               "spec.json: source.encoding: expected no encoding with reader \"amazon\" (the "
+               "reader handles its files' encodings), found one");
+    remove_dir(root);
+}
+
+/* Every prefix of a fixture file, and every single-byte change to '<', '\n' or 0xFF, reads
+ * cleanly: LEVI_OK or LEVI_ERR_FORMAT with a message naming the file, never a crash (the
+ * sanitizer build checks the reads). */
+static void test_amazon_mutations(void **state) {
+    (void)state;
+    char root[4096], dir[4200], path[4300];
+    amazon_fixture(root, sizeof root);
+    snprintf(dir, sizeof dir, "%s/alpha", root);
+    snprintf(path, sizeof path, "%s/positive.review", dir);
+    char *orig;
+    size_t len;
+    levi_error e;
+    assert_int_equal(levi_read_file(path, &orig, &len, &e), LEVI_OK);
+    char *buf = malloc(len + 1);
+    assert_non_null(buf);
+    int ok = 0, bad = 0;
+    const char subst[3] = {'<', '\n', (char)0xFF};
+    for (size_t k = 0; k < len + 3 * len; k++) {
+        size_t n = len;
+        memcpy(buf, orig, len);
+        if (k <= len)
+            n = k; /* prefix */
+        else
+            buf[(k - len) % len] = subst[(k - len) / len % 3];
+        write_file(dir, "positive.review", buf, n);
+        levi_table *t = NULL;
+        levi_status st = levi_amazon_read(root, &t, &e);
+        if (st == LEVI_OK) {
+            assert_non_null(t);
+            ok++;
+        } else {
+            assert_int_equal(st, LEVI_ERR_FORMAT);
+            assert_non_null(strstr(e.msg, "positive.review:"));
+            bad++;
+        }
+        levi_table_free(t);
+    }
+    printf("Amazon mutations: %d read, %d rejected with file:line\n", ok, bad);
+    assert_true(ok > 0 && bad > 0);
+    free(buf);
+    free(orig);
+    remove_dir(root);
+}
+
+/* The real files (LEVI_DATA_DIR/amazon/blitzer_mds) and the shipped specs' counts. */
+static void test_amazon_real(void **state) {
+    (void)state;
+    const char *data = levi_test_env_path("LEVI_DATA_DIR");
+    char root[4096];
+    struct stat sb;
+    if (data) snprintf(root, sizeof root, "%s/amazon/blitzer_mds", data);
+    if (!data || stat(root, &sb) != 0) {
+        printf("SKIP test_amazon_real: LEVI_DATA_DIR is unset or has no amazon/blitzer_mds/\n");
+        skip();
+    }
+    levi_table *t;
+    levi_error e;
+    double t0 = levi_now();
+    assert_int_equal(levi_amazon_read(root, &t, &e), LEVI_OK);
+    double secs = levi_now() - t0;
+    printf("Amazon read: %lld reviews in %.3f s\n", (long long)levi_table_num_rows(t), secs);
+    assert_true(secs < 5.0);
+    assert_int_equal(levi_table_num_rows(t), 8000);
+    int cdom = levi_table_find_column(t, "domain"), cpol = levi_table_find_column(t, "polarity");
+    int crat = levi_table_find_column(t, "rating"), cdate = levi_table_find_column(t, "date");
+    int64_t pos = 0, books = 0, empty_dates = 0, by_rating[6] = {0};
+    for (int64_t i = 0; i < 8000; i++) {
+        double r;
+        r = strtod(levi_table_cell(t, i, crat), NULL);
+        assert_true(r == 1 || r == 2 || r == 4 || r == 5); /* no 3s in these files */
+        by_rating[(int)r]++;
+        int is_pos = strcmp(levi_table_cell(t, i, cpol), "positive") == 0;
+        pos += is_pos;
+        assert_int_equal(is_pos, r >= 4);
+        books += strcmp(levi_table_cell(t, i, cdom), "books") == 0;
+        const char *d = levi_table_cell(t, i, cdate);
+        if (!d[0])
+            empty_dates++;
+        else
+            assert_true(strlen(d) == 10 && d[4] == '-' && d[7] == '-');
+        for (int c = 0; c < LEVI_AMAZON_NUM_COLUMNS; c++)
+            assert_true(utf8_ok(levi_table_cell(t, i, c)));
+    }
+    assert_int_equal(pos, 4000);
+    assert_int_equal(books, 2000);
+    assert_int_equal(empty_dates, 1); /* one review in electronics/negative.review */
+    printf("ratings 1/2/4/5: %lld %lld %lld %lld\n", (long long)by_rating[1],
+           (long long)by_rating[2], (long long)by_rating[4], (long long)by_rating[5]);
+    levi_table_free(t);
+    /* Each shipped spec builds and matches its expect block. */
+    const char *specs[] = {"specs/amazon-rating-time.json", "specs/amazon-rating-product.json",
+                           "specs/amazon-sentiment.json", "specs/amazon-sentiment-rating.json"};
+    for (int k = 0; k < 4; k++) {
+        levi_spec *s;
+        levi_dataset *ds;
+        assert_int_equal(levi_spec_load(levi_test_source_path(specs[k]), &s, &e), LEVI_OK);
+        if (levi_dataset_load(s, &ds, &e) != LEVI_OK) print_error("%s\n", e.msg);
+        assert_non_null(ds);
+        if (levi_dataset_check_expected(ds, &e) != LEVI_OK) print_error("%s\n", e.msg);
+        assert_int_equal(levi_dataset_check_expected(ds, &e), LEVI_OK);
+        levi_dataset_free(ds);
+        levi_spec_free(s);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_csv_quoting_and_lines),
@@ -983,6 +1399,11 @@ int main(void) {
         cmocka_unit_test(test_subsample),
         cmocka_unit_test(test_movielens_real),
         cmocka_unit_test(test_movielens_recbole),
+        cmocka_unit_test(test_amazon_reader),
+        cmocka_unit_test(test_amazon_errors),
+        cmocka_unit_test(test_amazon_spec),
+        cmocka_unit_test(test_amazon_mutations),
+        cmocka_unit_test(test_amazon_real),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -85,6 +85,9 @@ int levi_table_find_column(const levi_table *t, const char *name); /* index or -
 const char *const *levi_table_column(const levi_table *t, int col);
 const char *levi_table_cell(const levi_table *t, int64_t row, int col);
 const char *levi_table_source(const levi_table *t); /* the file name, or "" */
+/* The file row came from: levi_table_source unless the table joins several files (the Amazon
+ * reader), then that row's file. Pair it with levi_table_line in messages. */
+const char *levi_table_row_source(const levi_table *t, int64_t row);
 int64_t levi_table_line(const levi_table *t, int64_t row);
 /* The column names joined with ", " into buf (truncated with "..." when it does not fit);
  * for error messages that list what is there. Returns buf. */
@@ -107,11 +110,33 @@ levi_status levi_movielens_read_recbole(const char *dir, levi_table **out, levi_
 levi_status levi_movielens_read(const char *dir, levi_table **out, levi_error *err);
 
 /* =======================================================================================
+ * Amazon reviews in the Blitzer, Dredze & Pereira (ACL 2007) multi-domain layout:
+ * <root>/<domain>/{negative,positive}.review, every sub-folder holding either file being a
+ * domain (so a new domain needs no code; folders are read in byte order of their names, the
+ * negative file first; names starting with '.' are skipped). One row per review, columns
+ *   domain, polarity, unique_id, asin, product_name, product_type, helpful, rating, title,
+ *   date, reviewer, reviewer_location, review_text
+ * domain is the folder name, polarity "negative" or "positive" from the file name, date the
+ * review date as ISO "2006-07-01" (parsed from "July 1, 2006"; "" where the file leaves it
+ * empty), rating as written ("5.0"). The files are pseudo-XML (raw '&' and '<' in texts): a
+ * tag counts only alone on its line; bytes are repaired into valid UTF-8 deterministically
+ * (valid UTF-8 kept, other bytes read as Windows-1252, control characters but tab and line
+ * ends turned into spaces) and &quot; &amp; &lt; &gt; &apos; &#N; &#xH; are decoded; unknown
+ * fields are skipped. Each row's file is levi_table_row_source. Errors (LEVI_ERR_FORMAT)
+ * read "<file>:<line>: ..., expected X, found Y": a record without </review> or a field
+ * without its closing tag, text outside a record, a missing asin/rating/date/review_text
+ * field, a rating that is not a number from 1 to 5, a date not like "July 1, 2006", a field
+ * given twice; LEVI_ERR_NOT_FOUND when no domain folder is found, LEVI_ERR_IO when root is
+ * not a folder. unlabeled.review files are not read. */
+#define LEVI_AMAZON_NUM_COLUMNS 13
+levi_status levi_amazon_read(const char *root, levi_table **out, levi_error *err);
+
+/* =======================================================================================
  * Dataset spec: a JSON file describing a dataset. This comment is its reference; the
  * built-in specs/movielens.json is the worked example. Shape:
  * {
  *   "name": "movielens-100k-genre",                         (optional)
- *   "source": {"reader": "csv"|"tsv"|"jsonl"|"movielens",
+ *   "source": {"reader": "csv"|"tsv"|"jsonl"|"movielens"|"amazon",
  *              "path": "data.csv" or ["${LEVI_DATA_DIR}/ml-100k", "..."]  (first that exists;
  *                      ${VAR} expands from the environment; relative to the spec's folder),
  *              "encoding": "utf-8"|"latin-1", "delimiter": ",", "quoting": true,
@@ -122,6 +147,8 @@ levi_status levi_movielens_read(const char *dir, levi_table **out, levi_error *e
  *                   {"column": "title", "group_with": "item_id"}],
  *   "numeric": [{"column": "age"}],
  *   "text": "When the user id is {user_id}, ... {{ and }} are literal braces",
+ *   "text_max_tokens": 256,   (optional: tokens per text, [CLS] and [SEP] included, for the
+ *                              backbone; longer texts are cut. Absent: the extractor's default)
  *   "shift": {"id": <condition>, "ood": <condition, default: every non-ID row>,
  *             "ood_groups": [{"by_value": "genres", "multi_sep": "|", "min_count": 200,
  *                             "exclude": [...]},
@@ -154,6 +181,8 @@ void levi_spec_free(levi_spec *s);
 const char *levi_spec_file(const levi_spec *s); /* as given to load/parse */
 const char *levi_spec_name(const levi_spec *s); /* "name", else the file's base name */
 levi_task levi_spec_task(const levi_spec *s);
+/* "text_max_tokens", or 0 when the spec leaves it to the feature extractor's default. */
+int levi_spec_text_max_tokens(const levi_spec *s);
 /* Replaces source.path (a command-line override; relative to the current directory). */
 void levi_spec_set_source_path(levi_spec *s, const char *path);
 /* The source path that will be read: the first candidate that exists after ${VAR}

@@ -38,7 +38,7 @@ static void fit_usage(FILE *f) {
     fit_print_builtins(f);
     fprintf(
         f,
-        "  spec.json            a dataset spec file (see include/levi/data.h)\n"
+        "  spec.json                  a dataset spec file (see include/levi/data.h)\n"
         "\n"
         "Options:\n"
         "  --data PATH          data folder/file (overrides the spec's source; default for\n"
@@ -47,7 +47,7 @@ static void fit_usage(FILE *f) {
         "                       $LEVI_CACHE/models/all-MiniLM-L6-v2)\n"
         "  --out DIR            output folder (default runs/<task>/, created)\n"
         "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias or all\n"
-        "                       (default levi,a4,bias)\n"
+        "                       (default levi,a4,bias; levi,a4 for classification)\n"
         "  --seeds N            seeds per method, 0..N-1 (default 3)\n"
         "  --lrs LIST           learning-rate grid (default: each method's grid from the\n"
         "                       paper, 1e-4,1e-3,1e-2,1e-1; linear probing 1e-3..10)\n"
@@ -123,7 +123,7 @@ static int parse_lrs(const char *s, fit_config *cfg) {
     return LEVI_EXIT_OK;
 }
 
-static int parse_methods(const char *s, fit_config *cfg) {
+static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
     char buf[1024];
     char expected[256] = "a comma-separated list of methods (";
     for (int m = 0; m < LEVI_METHOD_COUNT; m++) {
@@ -145,6 +145,7 @@ static int parse_methods(const char *s, fit_config *cfg) {
             if (m < 0)
                 return usage_error("levi fit: %s: unknown method '%s'; expected %s", "--methods",
                                    tok, expected);
+            if (m == LEVI_METHOD_BIAS) *named_bias = 1;
             ids[n++] = m;
         }
         for (int i = 0; i < n; i++) {
@@ -205,7 +206,8 @@ typedef struct fit_args {
     fit_config cfg;
     const char *data, *model, *out, *cache;
     int print_spec, help;
-    int jobs; /* 0: one per online CPU */
+    int named_bias; /* --methods named bias itself (not through 'all') */
+    int jobs;       /* 0: one per online CPU */
 } fit_args;
 
 static int parse_fit_args(int argc, char **argv, fit_args *a) {
@@ -284,7 +286,7 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         else if (strcmp(name, "--cache") == 0)
             a->cache = value;
         else if (strcmp(name, "--methods") == 0) {
-            rc = parse_methods(value, cfg);
+            rc = parse_methods(value, cfg, &a->named_bias);
             methods_given = 1;
         } else if (strcmp(name, "--seeds") == 0)
             rc = parse_int_opt(name, value, 1, FIT_MAX_SEEDS, &cfg->seeds);
@@ -1349,6 +1351,29 @@ int levi_cmd_fit(int argc, char **argv) {
 
     fit_context ctx;
     if ((rc = fit_context_open(cfg, "fit", FIT_OPEN_SUMMARY, &ctx)) != LEVI_EXIT_OK) return rc;
+    /* The bias model is regression-only. For a classification task it is left out of the
+       default methods and of 'all'; naming it is a usage error, reported before any training. */
+    if (levi_dataset_task(ctx.ds) == LEVI_TASK_CLASSIFICATION) {
+        int k = 0, dropped = 0;
+        for (int i = 0; i < cfg->n_methods; i++) {
+            if (cfg->methods[i] != LEVI_METHOD_BIAS) {
+                cfg->methods[k++] = cfg->methods[i];
+                continue;
+            }
+            if (a.named_bias) {
+                fprintf(stderr,
+                        "levi fit: --methods: the bias model is for regression; this task is "
+                        "classification (expected any of levi, a3, a4, a5, lp, layer)\n");
+                fit_context_close(&ctx);
+                return LEVI_EXIT_USAGE;
+            }
+            dropped = 1;
+        }
+        cfg->n_methods = k;
+        if (dropped)
+            printf("methods: bias left out (it is for regression; this task is "
+                   "classification)\n");
+    }
     levi_error err = {0};
     /* fit.json records the source actually read, so eval and predict rebuild the same data
        whatever LEVI_DATA_DIR says later. */

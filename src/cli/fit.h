@@ -63,9 +63,11 @@ typedef struct fit_context {
 } fit_context;
 
 /* Extracts (or reuses from the cache cfg->features) the backbone features of texts with
- * cfg->model, drawing a progress bar, and loads them into *out. Shared by fit and predict. */
-levi_status fit_extract_features(const fit_config *cfg, const char *const *texts, int64_t n,
-                                 levi_featcache_info *info, levi_features *out, levi_error *err);
+ * cfg->model, drawing a progress bar, and loads them into *out. Shared by fit and predict.
+ * max_len: tokens per text (the spec's text_max_tokens); 0 keeps the extractor's default. */
+levi_status fit_extract_features(const fit_config *cfg, int max_len, const char *const *texts,
+                                 int64_t n, levi_featcache_info *info, levi_features *out,
+                                 levi_error *err);
 
 /* Prints "levi <cmd>: <message>" to stderr and returns the exit code of err->status. */
 int fit_fail(const char *cmd, const levi_error *err);

@@ -32,6 +32,7 @@ void fit_print_builtins(FILE *f) {
         cJSON *doc = cJSON_Parse(levi_builtin_specs[i].text);
         const cJSON *d = cJSON_GetObjectItemCaseSensitive(doc, "description");
         const char *desc = cJSON_IsString(d) ? d->valuestring : "";
+        /* The first sentence: specs start with a short one for this list. */
         const char *stop = strstr(desc, ". ");
         int len = stop ? (int)(stop - desc) : (int)strlen(desc);
         fprintf(f, "  %-26s %.*s\n", levi_builtin_specs[i].name, len, desc);
@@ -264,9 +265,11 @@ static void feature_progress(void *user, int64_t done, int64_t total, double tok
     levi_progress_update(bar, done, extra);
 }
 
-levi_status fit_extract_features(const fit_config *cfg, const char *const *texts, int64_t n,
-                                 levi_featcache_info *info, levi_features *out, levi_error *err) {
+levi_status fit_extract_features(const fit_config *cfg, int max_len, const char *const *texts,
+                                 int64_t n, levi_featcache_info *info, levi_features *out,
+                                 levi_error *err) {
     levi_featcache_params fp = levi_featcache_default_params();
+    if (max_len > 0) fp.max_len = max_len;
     fp.threads = cfg->threads;
     fp.stop = &levi_cli_interrupted;
     levi_progress *bar = levi_progress_start("features", n, "texts");
@@ -331,7 +334,8 @@ static int build_features(const fit_config *cfg, const char *cmd, fit_context *c
     }
     for (int64_t i = 0; i < n; i++) texts[i] = levi_dataset_text(ctx->ds, i);
     double t0 = levi_now();
-    levi_status st = fit_extract_features(cfg, texts, n, &ctx->feat_info, &ctx->feats, &err);
+    levi_status st = fit_extract_features(cfg, levi_spec_text_max_tokens(ctx->spec), texts, n,
+                                          &ctx->feat_info, &ctx->feats, &err);
     free(texts);
     if (st != LEVI_OK) {
         levi_error_prefix(&err, "backbone features (model %s): ", cfg->model);

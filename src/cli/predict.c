@@ -250,7 +250,8 @@ static int build_rows(const fit_config *cfg, fit_context *ctx, const levi_table 
         if (st == LEVI_OK) {
             printf("  text[0]: %s\n", texts[0]);
             levi_featcache_info info;
-            st = fit_extract_features(cfg, (const char *const *)texts, n, &info, &r->feats, &err);
+            st = fit_extract_features(cfg, levi_spec_text_max_tokens(ctx->spec),
+                                      (const char *const *)texts, n, &info, &r->feats, &err);
         }
         for (int64_t i = 0; i < n; i++) free(texts[i]);
         levi_free(texts);

@@ -30,6 +30,10 @@ void levi__table_adopt(levi_table *dst, levi_table *src);
 levi_status levi__table_append_owned(levi_table *t, const char **values, int64_t line,
                                      levi_error *err);
 
+/* Rows appended from now on came from `file` (a string owned by t, or living as long as t);
+ * levi_table_row_source reports it. NULL: the table's own source. */
+void levi__table_set_row_source(levi_table *t, const char *file);
+
 /* ---- text helpers ---------------------------------------------------------------------- */
 /* Parses a whole string as a finite double / a decimal int64 (no surrounding spaces). */
 int levi__parse_double(const char *s, double *out);
@@ -89,7 +93,7 @@ typedef struct levi__spec_group {
 struct levi_spec {
     char *file, *base_dir, *name;
     /* source */
-    char *reader; /* "csv", "tsv", "jsonl", "movielens" */
+    char *reader; /* "csv", "tsv", "jsonl", "movielens", "amazon" */
     char **paths; /* candidates as written */
     int num_paths;
     int path_overridden;
@@ -108,7 +112,8 @@ struct levi_spec {
     int num_cats;
     char **numerics;
     int num_numerics;
-    char *text; /* template as written, or NULL */
+    char *text;          /* template as written, or NULL */
+    int text_max_tokens; /* 0: the feature extractor's default */
     levi__tpl_piece *tpl;
     int num_tpl;
     /* shift */

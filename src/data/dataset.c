@@ -281,8 +281,8 @@ static levi_status eval_cond(const levi_table *t, const rcond *r, int64_t row, i
             char q[64];
             return levi_errorf(err, LEVI_ERR_FORMAT,
                                "%s:%lld: %s: expected a date in the format \"%s\" (%s), found %s",
-                               levi_table_source(t), (long long)levi_table_line(t, row), c->column,
-                               c->date_format, c->jpath, levi__quote(cell, q, sizeof q));
+                               levi_table_row_source(t, row), (long long)levi_table_line(t, row),
+                               c->column, c->date_format, c->jpath, levi__quote(cell, q, sizeof q));
         }
         *res =
             (!c->has_before || when < c->before) && (!c->has_on_or_after || when >= c->on_or_after);
@@ -320,7 +320,7 @@ static levi_status build_labels(levi_dataset *ds, const levi_spec *s, const levi
             double x;
             if (!levi__parse_double(v, &x))
                 return levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected a number, found %s",
-                                   levi_table_source(t), (long long)levi_table_line(t, i),
+                                   levi_table_row_source(t, i), (long long)levi_table_line(t, i),
                                    s->label_column, levi__quote(v, q, sizeof q));
             ds->labels[i] = (float)x;
         }
@@ -388,7 +388,7 @@ static levi_status build_labels(levi_dataset *ds, const levi_spec *s, const levi
                                       ds->class_names[j]);
             levi__strmap_free(&m);
             return levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected one of %s, found %s",
-                               levi_table_source(t), (long long)levi_table_line(t, i),
+                               levi_table_row_source(t, i), (long long)levi_table_line(t, i),
                                s->label_column, list, levi__quote(v, q, sizeof q));
         }
         ds->classes[i] = (int32_t)k;
@@ -720,7 +720,7 @@ levi_status levi_dataset_init(const levi_spec *s, const levi_table *t, levi_data
             if (!levi__parse_double(v, &ds->num_raw[j][i])) {
                 char q[64];
                 st = levi_errorf(err, LEVI_ERR_FORMAT, "%s:%lld: %s: expected a number, found %s",
-                                 levi_table_source(t), (long long)levi_table_line(t, i),
+                                 levi_table_row_source(t, i), (long long)levi_table_line(t, i),
                                  s->numerics[j], levi__quote(v, q, sizeof q));
                 goto fail;
             }

@@ -418,8 +418,9 @@ static levi_status parse_source(ctx *c, const cJSON *v, levi_spec *s) {
     if ((st = get_string(c, v, "reader", "source", 1, &s->reader))) return st;
     const char *r = s->reader;
     int delimited = strcmp(r, "csv") == 0 || strcmp(r, "tsv") == 0;
-    if (!delimited && strcmp(r, "jsonl") != 0 && strcmp(r, "movielens") != 0)
-        return bad(c, "source.reader", "\"csv\", \"tsv\", \"jsonl\" or \"movielens\"",
+    int fixed_encoding = strcmp(r, "movielens") == 0 || strcmp(r, "amazon") == 0;
+    if (!delimited && strcmp(r, "jsonl") != 0 && !fixed_encoding)
+        return bad(c, "source.reader", "\"csv\", \"tsv\", \"jsonl\", \"movielens\" or \"amazon\"",
                    cJSON_GetObjectItemCaseSensitive(v, "reader"));
     const cJSON *path = cJSON_GetObjectItemCaseSensitive(v, "path");
     if (cJSON_IsString(path) && path->valuestring[0]) {
@@ -444,11 +445,11 @@ static levi_status parse_source(ctx *c, const cJSON *v, levi_spec *s) {
                                "it with reader \"%s\"",
                                c->file, p, r);
         }
-    if (strcmp(r, "movielens") == 0 && cJSON_HasObjectItem(v, "encoding"))
+    if (fixed_encoding && cJSON_HasObjectItem(v, "encoding"))
         return levi_errorf(c->err, LEVI_ERR_FORMAT,
-                           "%s: source.encoding: expected no encoding with reader \"movielens\" "
-                           "(its files' encodings are fixed), found one",
-                           c->file);
+                           "%s: source.encoding: expected no encoding with reader \"%s\" "
+                           "(the reader handles its files' encodings), found one",
+                           c->file, r);
     char *enc = NULL;
     if ((st = get_string(c, v, "encoding", "source", 0, &enc))) return st;
     s->encoding = LEVI_ENCODING_UTF8;
@@ -821,8 +822,8 @@ levi_status levi_spec_parse(const char *json, size_t len, const char *name, cons
     s->test = 0.1;
     levi_status st;
     static const char *const keys[] = {"name",        "description", "source", "label",
-                                       "categorical", "numeric",     "text",   "shift",
-                                       "split",       "expect",      NULL};
+                                       "categorical", "numeric",     "text",   "text_max_tokens",
+                                       "shift",       "split",       "expect", NULL};
     if (!cJSON_IsObject(root)) {
         char buf[96];
         st = levi_errorf(err, LEVI_ERR_FORMAT, "%s: expected a JSON object at the top, found %s",
@@ -858,6 +859,22 @@ levi_status levi_spec_parse(const char *json, size_t len, const char *name, cons
         }
         s->text = xstrdup(v->valuestring);
         if ((st = parse_template(&c, s))) goto done;
+    }
+    if ((v = cJSON_GetObjectItemCaseSensitive(root, "text_max_tokens"))) {
+        /* 2 is [CLS] + [SEP]; the extractor checks the model's own position limit. */
+        if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 2 ||
+            v->valuedouble > 1 << 20) {
+            st = bad(&c, "text_max_tokens", "an integer from 2 to 1048576", v);
+            goto done;
+        }
+        if (!s->text) {
+            st = levi_errorf(err, LEVI_ERR_FORMAT,
+                             "%s: text_max_tokens: expected it only with a \"text\" template, "
+                             "found no template",
+                             name);
+            goto done;
+        }
+        s->text_max_tokens = (int)v->valuedouble;
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "shift")) && (st = parse_shift(&c, v, s)))
         goto done;
@@ -904,6 +921,9 @@ const char *levi_spec_name(const levi_spec *s) {
 }
 levi_task levi_spec_task(const levi_spec *s) {
     return s->task;
+}
+int levi_spec_text_max_tokens(const levi_spec *s) {
+    return s->text_max_tokens;
 }
 
 void levi_spec_set_source_path(levi_spec *s, const char *path) {
@@ -984,6 +1004,7 @@ levi_status levi_spec_read_table(const levi_spec *s, levi_table **out, levi_erro
     levi_status st = levi_spec_source_path(s, path, sizeof path, err);
     if (st) return st;
     if (strcmp(s->reader, "movielens") == 0) return levi_movielens_read(path, out, err);
+    if (strcmp(s->reader, "amazon") == 0) return levi_amazon_read(path, out, err);
     if (strcmp(s->reader, "jsonl") == 0) return levi_table_read_jsonl(path, s->encoding, out, err);
     levi_table_read_params p = levi_table_default_read_params();
     p.delimiter = s->delimiter;

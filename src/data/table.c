@@ -28,7 +28,11 @@ struct levi_table {
     const char ***cols; /* [ncols][cap] */
     int64_t *lines;     /* [cap] */
     char *source;
-    void **bufs; /* owned storage: file buffers and string blocks */
+    /* The file each row came from when a table joins several (the Amazon reader): [cap],
+       NULL entries mean `source`; the strings live in the table's storage. */
+    const char **row_sources;
+    const char *cur_source; /* given to rows appended from now on */
+    void **bufs;            /* owned storage: file buffers and string blocks */
     int nbufs, capbufs;
     char *block; /* current string block (also in bufs) */
     size_t block_used, block_cap;
@@ -264,6 +268,7 @@ void levi_table_free(levi_table *t) {
     free(t->names);
     free(t->cols);
     free(t->lines);
+    free(t->row_sources);
     for (int i = 0; i < t->nbufs; i++) free(t->bufs[i]);
     free(t->bufs);
     free(t->source);
@@ -291,6 +296,9 @@ static levi_status table_reserve(levi_table *t, int64_t want, levi_error *err) {
     int64_t *nl = realloc(t->lines, (size_t)cap * sizeof *nl);
     if (!nl) return levi_errorf(err, LEVI_ERR_NOMEM, "%s: out of memory", t->source);
     t->lines = nl;
+    const char **ns = realloc(t->row_sources, (size_t)cap * sizeof *ns);
+    if (!ns) return levi_errorf(err, LEVI_ERR_NOMEM, "%s: out of memory", t->source);
+    t->row_sources = ns;
     t->cap = cap;
     return LEVI_OK;
 }
@@ -300,6 +308,7 @@ levi_status levi__table_append_owned(levi_table *t, const char **values, int64_t
     levi_status st = table_reserve(t, t->nrows + 1, err);
     if (st) return st;
     for (int c = 0; c < t->ncols; c++) t->cols[c][t->nrows] = values[c];
+    t->row_sources[t->nrows] = t->cur_source;
     t->lines[t->nrows++] = line;
     return LEVI_OK;
 }
@@ -312,6 +321,7 @@ levi_status levi_table_append(levi_table *t, const char *const *values, int64_t 
         const char *v = values[c] ? values[c] : "";
         t->cols[c][t->nrows] = levi__table_strdup(t, v, strlen(v));
     }
+    t->row_sources[t->nrows] = t->cur_source;
     t->lines[t->nrows++] = line;
     return LEVI_OK;
 }
@@ -347,6 +357,15 @@ const char *levi_table_cell(const levi_table *t, int64_t row, int col) {
 
 const char *levi_table_source(const levi_table *t) {
     return t->source;
+}
+
+void levi__table_set_row_source(levi_table *t, const char *file) {
+    t->cur_source = file;
+}
+
+const char *levi_table_row_source(const levi_table *t, int64_t row) {
+    LEVI_ASSERT(row >= 0 && row < t->nrows, "row index out of range");
+    return t->row_sources[row] ? t->row_sources[row] : t->source;
 }
 
 int64_t levi_table_line(const levi_table *t, int64_t row) {
