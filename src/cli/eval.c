@@ -138,6 +138,13 @@ int levi_cmd_eval(int argc, char **argv) {
     cJSON *methods = cJSON_AddArrayToObject(results, "methods");
     for (int i = 0; i < cfg.n_methods && rc == LEVI_EXIT_OK; i++) {
         int method = cfg.methods[i];
+        if (method >= FIT_FT_BASE) {
+            /* Their runs hold an encoder, not a head checkpoint: levi fit reuses finished runs
+               instead. */
+            printf("%s: re-evaluation of fine-tuning runs is not implemented; skipped\n",
+                   fit_method_name(method));
+            continue;
+        }
         const char *name = levi_method_name((levi_method)method);
         cJSON *entry = cJSON_CreateObject();
         cJSON_AddStringToObject(entry, "method", name);

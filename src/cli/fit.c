@@ -8,6 +8,7 @@
  * (eval.c) or prediction (predict.c). */
 #include "cli.h"
 #include "fit.h"
+#include "fit_finetune.h"
 #include "report.h"
 
 #include <errno.h>
@@ -46,8 +47,12 @@ static void fit_usage(FILE *f) {
         "  --model DIR          Hugging Face model folder (default\n"
         "                       $LEVI_CACHE/models/all-MiniLM-L6-v2)\n"
         "  --out DIR            output folder (default runs/<task>/, created)\n"
-        "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias or all\n"
+        "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias or all, and\n"
+        "                       the backbone-training baselines ft,ht,lp-ft,fs,lora\n"
         "                       (default levi,a4,bias; levi,a4 for classification)\n"
+        "  --scale FRAC         fraction of ID-train rows ft,ht,lp-ft,fs,lora train on\n"
+        "                       (default 1; a full MiniLM fine-tuning epoch on MovieLens\n"
+        "                       is about an hour on one core)\n"
         "  --seeds N            seeds per method, 0..N-1 (default 3)\n"
         "  --lrs LIST           learning-rate grid (default: each method's grid from the\n"
         "                       paper, 1e-4,1e-3,1e-2,1e-1; linear probing 1e-3..10)\n"
@@ -141,7 +146,7 @@ static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
         if (strcmp(tok, "all") == 0) {
             for (int m = 0; m < LEVI_METHOD_COUNT; m++) ids[n++] = m;
         } else {
-            int m = levi_method_parse(tok);
+            int m = fit_method_parse(tok);
             if (m < 0)
                 return usage_error("levi fit: %s: unknown method '%s'; expected %s", "--methods",
                                    tok, expected);
@@ -249,8 +254,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         if (eq) value = eq + 1;
         static const char *const flags[] = {"--no-progress", "--print-spec"};
         static const char *const with_value[] = {
-            "--data",     "--model", "--out",     "--methods",   "--seeds", "--lrs", "--epochs",
-            "--patience", "--batch", "--threads", "--subsample", "--cache", "--jobs"};
+            "--data",     "--model", "--out",     "--methods",   "--seeds", "--lrs",  "--epochs",
+            "--patience", "--batch", "--threads", "--subsample", "--cache", "--jobs", "--scale"};
         int is_flag = 0, takes_value = 0;
         for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
             is_flag |= strcmp(name, flags[k]) == 0;
@@ -304,6 +309,14 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
             rc = parse_subsample(value, cfg);
         else if (strcmp(name, "--jobs") == 0)
             rc = parse_int_opt(name, value, 1, 4096, &a->jobs);
+        else if (strcmp(name, "--scale") == 0) {
+            char *end;
+            double v = strtod(value, &end);
+            if (end == value || *end || !(v > 0 && v <= 1))
+                rc = usage_error("levi fit: %s: expected %s, found '%s'", "--scale",
+                                 "a fraction in (0, 1]", value);
+            cfg->ft_scale = v;
+        }
         if (rc != LEVI_EXIT_OK) return rc;
         if (!*value &&
             (a->data == value || a->model == value || a->out == value || a->cache == value)) {
@@ -359,7 +372,7 @@ static int resolve_paths(fit_args *a) {
     }
     int need_model = 0;
     for (int i = 0; i < cfg->n_methods; i++)
-        need_model |= fit_method_needs_features(cfg->methods[i]);
+        need_model |= fit_method_needs_features(cfg->methods[i]) || cfg->methods[i] >= FIT_FT_BASE;
     if (need_model) {
         char m[FIT_PATH_MAX];
         if (a->model)
@@ -1406,6 +1419,18 @@ int levi_cmd_fit(int argc, char **argv) {
     double t_train = levi_now();
     /* Worker processes only pay off with two runs or more to train; a rerun that finds
        everything finished, or one run left, goes the --jobs 1 way. */
+    /* Backbone-training methods (ids >= FIT_FT_BASE) train after the head methods, in this
+       process with --threads threads: each holds an encoder and its activations, and one
+       such run already keeps the cores busy. */
+    int n_all = cfg->n_methods, n_head = 0, ft_methods[FIT_MAX_METHODS], n_ft = 0;
+    for (int i = 0; i < n_all; i++) {
+        if (cfg->methods[i] >= FIT_FT_BASE)
+            ft_methods[n_ft++] = cfg->methods[i];
+        else
+            cfg->methods[n_head++] = cfg->methods[i];
+    }
+    for (int i = 0; i < n_ft; i++) cfg->methods[n_head + i] = ft_methods[i];
+    cfg->n_methods = n_head;
     long jobs = a.jobs;
     if (jobs == 0) jobs = sysconf(_SC_NPROCESSORS_ONLN);
     fit_sched sched;
@@ -1423,6 +1448,13 @@ int levi_cmd_fit(int argc, char **argv) {
         levi_free(sched.job);
         for (int i = 0; i < cfg->n_methods && rc == LEVI_EXIT_OK; i++)
             rc = fit_method(&fs, cfg->methods[i], methods);
+    }
+    cfg->n_methods = n_all;
+    if (n_ft > 0 && rc == LEVI_EXIT_OK && !levi_cli_interrupted) {
+        fit_finetune_options ft_opts = fit_finetune_default_options();
+        ft_opts.train_fraction = cfg->ft_scale;
+        for (int i = 0; i < n_ft && rc == LEVI_EXIT_OK; i++)
+            rc = fit_finetune_method(fit_method_name(ft_methods[i]), cfg, &ctx, &ft_opts, methods);
     }
     if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
     if (rc != LEVI_EXIT_OK) {

@@ -15,7 +15,10 @@
 #include <stdio.h>
 
 #define FIT_PATH_MAX 4096
-#define FIT_MAX_METHODS LEVI_METHOD_COUNT
+/* Method ids: levi_method values, and FIT_FT_BASE + levi_ft_mode for the backbone-training
+   baselines (finetune.h: ft, ht, lp-ft, fs, lora). */
+#define FIT_FT_BASE 100
+#define FIT_MAX_METHODS (LEVI_METHOD_COUNT + 6)
 #define FIT_MAX_SEEDS 32
 
 /* Everything that defines a fit; saved as <out>/fit.json so eval and predict can rebuild it. */
@@ -34,6 +37,8 @@ typedef struct fit_config {
     float lrs[LEVI_MAX_GRID];
     int epochs, patience, batch;
     int threads;            /* 0: library default */
+    double ft_scale;        /* --scale: fraction of ID-train rows the fine-tuning baselines
+                               train on (1: all) */
     double subsample_frac;  /* 1 and subsample_rows 0: no subsampling */
     int64_t subsample_rows; /* 0: no cap */
 } fit_config;
@@ -77,6 +82,9 @@ void fit_default_cache(char *out, size_t cap);
 
 /* 1 when the method trains on backbone features. */
 int fit_method_needs_features(int method);
+/* Name of a method id ("levi", ..., "ft", "lora") and back (-1 when unknown). */
+const char *fit_method_name(int method);
+int fit_method_parse(const char *name);
 
 /* Builds the pipeline of cfg (loads the spec and data, prints the summary and checks the
  * spec's expected counts, subsamples, extracts or reuses features). Returns an exit code;

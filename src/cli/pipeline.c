@@ -4,6 +4,7 @@
  * the run-result JSON.
  * Not for: deciding which runs to train (fit.c) or formatting reports (report.c). */
 #include "fit.h"
+#include "levi/finetune.h"
 
 #include "cli.h"
 
@@ -72,8 +73,21 @@ void fit_default_cache(char *out, size_t cap) {
 }
 
 int fit_method_needs_features(int method) {
+    if (method >= FIT_FT_BASE) return 0;
     levi_head_params hp = levi_head_default_params((levi_method)method);
     return hp.feature_adapters != 0;
+}
+
+const char *fit_method_name(int method) {
+    return method >= FIT_FT_BASE ? levi_ft_mode_name((levi_ft_mode)(method - FIT_FT_BASE))
+                                 : levi_method_name((levi_method)method);
+}
+
+int fit_method_parse(const char *name) {
+    int m = levi_method_parse(name);
+    if (m >= 0) return m;
+    m = levi_ft_mode_parse(name);
+    return m >= 0 && m != LEVI_FT_PROBE ? FIT_FT_BASE + m : -1;
 }
 
 double fit_float_json(float x) {
@@ -155,7 +169,7 @@ cJSON *fit_config_to_json(const fit_config *cfg) {
     cJSON_AddStringToObject(o, "out", cfg->out);
     cJSON *m = cJSON_AddArrayToObject(o, "methods");
     for (int i = 0; i < cfg->n_methods; i++)
-        cJSON_AddItemToArray(m, cJSON_CreateString(levi_method_name((levi_method)cfg->methods[i])));
+        cJSON_AddItemToArray(m, cJSON_CreateString(fit_method_name(cfg->methods[i])));
     cJSON_AddNumberToObject(o, "seeds", cfg->seeds);
     if (cfg->n_lrs > 0) {
         cJSON *l = cJSON_AddArrayToObject(o, "lrs");
@@ -219,7 +233,7 @@ levi_status fit_config_from_json(const char *path, fit_config *cfg, levi_error *
     const cJSON *methods = cJSON_GetObjectItemCaseSensitive(o, "methods");
     const cJSON *m;
     cJSON_ArrayForEach(m, methods) {
-        int id = cJSON_IsString(m) ? levi_method_parse(m->valuestring) : -1;
+        int id = cJSON_IsString(m) ? fit_method_parse(m->valuestring) : -1;
         if (id < 0 || cfg->n_methods >= FIT_MAX_METHODS) {
             st = levi_errorf(err, LEVI_ERR_FORMAT, "%s: methods[%d]: expected a method name", path,
                              cfg->n_methods);

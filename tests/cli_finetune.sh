@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# End-to-end test of the backbone-training baselines through `levi fit` on a tiny slice of
+# real MovieLens-100K (200 rows, --scale 0.5, one epoch, one seed, two learning rates): lora and lp-ft next to a4 must
+# exit 0, write finite RMSEs for every eval set (0.5..3.0 for ID test and all OOD; the
+# per-genre groups hold a handful of rows here), record the chosen learning
+# rate, save a tuned backbone folder, and a rerun must skip every finished run and reproduce
+# results.csv byte for byte. A bad --scale is a usage error (exit 2).
+#
+#   tests/cli_finetune.sh <levi binary>
+# Inputs as tests/cli_fit.sh; exits 77 (skipped) when they are absent.
+set -u
+levi=${1:?usage: cli_finetune.sh <levi binary>}
+
+data=""
+if [ -n "${LEVI_RECBOLE_DIR:-}" ] && [ -f "$LEVI_RECBOLE_DIR/ml-100k.inter" ]; then
+    data=$LEVI_RECBOLE_DIR
+elif [ -n "${LEVI_DATA_DIR:-}" ] && [ -f "$LEVI_DATA_DIR/ml-100k/u.data" ]; then
+    data=$LEVI_DATA_DIR/ml-100k
+else
+    echo "skip: no MovieLens-100K (LEVI_RECBOLE_DIR or LEVI_DATA_DIR/ml-100k)"
+    exit 77
+fi
+model=${LEVI_MODEL_DIR:-}
+if [ -z "$model" ] || [ ! -f "$model/model.safetensors" ]; then
+    echo "skip: LEVI_MODEL_DIR does not name a folder with all-MiniLM-L6-v2's model.safetensors"
+    exit 77
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
+out=$tmp/out
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+args=(movielens --data "$data" --model "$model" --out "$out" --methods lora,lp-ft,a4
+      --subsample 200 --scale 0.5 --seeds 1 --lrs 1e-3,1e-2 --epochs 1 --threads 2)
+
+"$levi" fit "${args[@]}" >"$tmp/log1" 2>&1
+rc=$?
+[ $rc = 0 ] || { fail "fit exited $rc"; tail -20 "$tmp/log1"; }
+
+python3 - "$out/results.json" <<'PY' || fail "results.json check"
+import json, math, sys
+r = json.load(open(sys.argv[1]))
+names = [m["method"] for m in r["methods"]]
+assert names == ["a4", "lora", "lp-ft"], names
+for m in r["methods"]:
+    assert m.get("chosen_lr") in (0.001, 0.01), (m["method"], m.get("chosen_lr"))
+    runs = m["runs"]
+    assert len(runs) == 1, (m["method"], len(runs))
+    for run in runs:
+        for s in run["sets"]:
+            v = s["value"]
+            assert math.isfinite(v), (m["method"], s["name"], v)
+            if s["name"] in ("id_test", "ood"):
+                assert 0.5 < v < 3.0, (m["method"], s["name"], v)
+print("results.json: 3 methods, every RMSE finite, ID test and OOD in (0.5, 3)")
+PY
+ls "$out"/runs/lora/seed0/backbone/model.safetensors >/dev/null 2>&1 ||
+    fail "no tuned backbone saved under runs/lora/seed0/backbone"
+
+cp "$out/results.csv" "$tmp/results1.csv"
+"$levi" fit "${args[@]}" >"$tmp/log2" 2>&1 || fail "rerun exited $?"
+n_skip=$(grep -c "skipped" "$tmp/log2")
+[ "$n_skip" -ge 3 ] || { fail "rerun skipped $n_skip runs, expected >= 3"; cat "$tmp/log2"; }
+cmp -s "$tmp/results1.csv" "$out/results.csv" || fail "rerun changed results.csv"
+
+"$levi" fit movielens --methods lora --scale 1.5 >/dev/null 2>"$tmp/err"
+rc=$?
+[ $rc = 2 ] || fail "--scale 1.5 exited $rc, expected 2"
+grep -q -- "--scale" "$tmp/err" || fail "--scale error does not name the option: $(cat "$tmp/err")"
+
+if [ $failures -gt 0 ]; then
+    echo "$failures failure(s)"
+    exit 1
+fi
+echo "cli_finetune: all checks passed"
