@@ -16,8 +16,10 @@
  *  - attention: probs (then no backward), dropout_seed (also without dropout);
  *  - cross-entropy: probs (loss only);
  *  - batch norm: in training mode running_mean and running_var (no running update); in eval
- *    mode mean and rstd (eval mode needs the running statistics).
- * Every kernel has a finite-difference gradient test in tests/test_ops.c.
+ *    mode mean and rstd (eval mode needs the running statistics). Batch norm of a
+ *    channel-major [C,B,HW] tensor is the [B,C,HW] call with B = 1 and HW = B*HW.
+ * Every kernel has a finite-difference gradient test in tests/test_ops.c (the grouped
+ * convolution, ReLU6 and global average pool in tests/test_ops_conv.c).
  * Not for: shape checking of user input (callers validate; misuse asserts), allocation
  * (callers own every buffer, scratch included).
  */
@@ -160,6 +162,57 @@ void levi_conv2d_forward(float *out, float *col, const float *inp, const float *
 void levi_conv2d_backward(float *dinp, float *dw, float *db, float *col, const float *dout,
                           const float *inp, const float *w, int B, int IC, int H, int W, int OC,
                           int KH, int KW, int stride, int pad);
+
+/* Grouped 2-D convolution with explicit zero padding, in either of two layouts:
+ *   channel_major == 0: inp [B,IC,H,W], out [B,OC,OH,OW] (NCHW, as PyTorch);
+ *   channel_major == 1: inp [IC,B,H,W], out [OC,B,OH,OW], where a 1x1 convolution of the
+ *   whole batch is one GEMM.
+ * w [OC, IC/groups, KH, KW] (PyTorch's layout), b [OC] or NULL. groups divides IC and OC;
+ * groups == IC == OC is a depthwise convolution (direct loops, at most LEVI_CONV_MAX_TAPS
+ * taps). OH = (H + pad_top + pad_bottom - KH)/stride + 1, OW likewise with left/right. */
+#define LEVI_CONV_MAX_TAPS 64
+typedef struct levi_conv_geom {
+    int KH, KW;
+    int stride; /* the same in both directions */
+    int pad_top, pad_bottom, pad_left, pad_right;
+    int groups;
+    int channel_major;
+} levi_conv_geom;
+
+/* Output size along one axis (0 when the kernel does not fit). */
+int levi_conv_out_size(int n, int k, int stride, int pad_before, int pad_after);
+/* TensorFlow's 'SAME' padding for an axis of n pixels: output ceil(n/stride); the total
+ * padding max((out-1)*stride + k - n, 0) is split with the odd pixel AFTER (bottom/right). */
+void levi_conv_same_pad(int n, int k, int stride, int *pad_before, int *pad_after);
+/* A square K x K kernel with 'SAME' padding for an H x W input. */
+levi_conv_geom levi_conv_geom_same(int H, int W, int K, int stride, int groups, int channel_major);
+/* Floats of the col scratch: IC/groups*KH*KW*OH*OW, or 0 when the geometry needs none
+ * (depthwise, or 1x1 stride 1 unpadded). */
+size_t levi_gconv2d_col_floats(int IC, int H, int W, int OC, levi_conv_geom g);
+void levi_gconv2d_forward(float *out, float *col, const float *inp, const float *w, const float *b,
+                          int B, int IC, int H, int W, int OC, levi_conv_geom g);
+/* dinp (layout of inp) += ..., dw [OC,IC/groups,KH,KW] += ..., db [OC] += ...; dout in the
+ * layout of out. Results do not depend on the OpenMP thread count except through OpenBLAS. */
+void levi_gconv2d_backward(float *dinp, float *dw, float *db, float *col, const float *dout,
+                           const float *inp, const float *w, int B, int IC, int H, int W, int OC,
+                           levi_conv_geom g);
+/* The naive definition (accumulates in double), for tests of the fast paths. */
+void levi_gconv2d_forward_ref(float *out, const float *inp, const float *w, const float *b, int B,
+                              int IC, int H, int W, int OC, levi_conv_geom g);
+
+/* ReLU6: out = min(max(x, 0), 6); n elements, in place allowed. Backward reads the forward
+ * OUTPUT (so an in-place forward keeps what it needs): dinp += dout where 0 < out < 6.
+ * _inplace: d = d where 0 < out < 6, else 0 (OVERWRITES, like levi_gelu_backward_inplace). */
+void levi_relu6_forward(float *out, const float *inp, int64_t n);
+void levi_relu6_backward(float *dinp, const float *out, const float *dout, int64_t n);
+void levi_relu6_backward_inplace(float *d, const float *out, int64_t n);
+
+/* Global average pool over HW: inp [B,C,HW] (channel_major 0) or [C,B,HW] (1) -> out [B,C].
+ * Backward: dinp += dout / HW. */
+void levi_avgpool_global_forward(float *out, const float *inp, int B, int C, int64_t HW,
+                                 int channel_major);
+void levi_avgpool_global_backward(float *dinp, const float *dout, int B, int C, int64_t HW,
+                                  int channel_major);
 
 /* Batch norm over NCHW (per channel over B*H*W). Training mode uses batch statistics, saves
  * mean[C] and rstd[C], and updates running_mean/running_var (unbiased var) with momentum
