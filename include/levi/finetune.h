@@ -149,6 +149,14 @@ int levi_ft_metric_better(const levi_ft_model *m, double a, double b);
  * features from it through the usual pipeline. */
 levi_status levi_ft_save_backbone(const levi_ft_model *m, const char *dir, levi_error *err);
 
+/* WiSE-FT (Wortsman et al. 2022b): sets every encoder tensor of m to
+ * (1 - alpha) * pre + alpha * tuned, matched by key name (alpha = 0 and 1 reproduce pre and
+ * tuned bit for bit); the head is left as it is. pre and tuned are read only (not const
+ * because bert.h hands out its table through a non-const accessor). LEVI_ERR_ARG for alpha
+ * outside [0, 1], LEVI_ERR_SHAPE naming the tensor when the encoders do not match m's. */
+levi_status levi_ft_interpolate_backbone(levi_ft_model *m, levi_bert *pre, levi_bert *tuned,
+                                         float alpha, levi_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1071,3 +1071,43 @@ done:
     free(rs);
     return st;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * WiSE-FT weight interpolation (Wortsman et al. 2022b), for the post-hoc ensembles of
+ * `levi fit` (src/cli/ensemble.c). Kept apart from training: it only writes m's encoder
+ * weights, tensor by tensor matched by key name. */
+
+levi_status levi_ft_interpolate_backbone(levi_ft_model *m, levi_bert *pre, levi_bert *tuned,
+                                         float alpha, levi_error *err) {
+    LEVI_ASSERT(m != NULL && pre != NULL && tuned != NULL,
+                "levi_ft_interpolate_backbone needs a model and two encoders");
+    if (!(alpha >= 0.0f && alpha <= 1.0f))
+        return levi_errorf(err, LEVI_ERR_ARG, "WiSE-FT mixing weight: expected [0, 1], found %g",
+                           (double)alpha);
+    levi_params *dst = levi_bert_params(m->bert), *pa = levi_bert_params(pre),
+                *pb = levi_bert_params(tuned);
+    for (int i = 0; i < dst->count; i++) {
+        const levi_param *it = &dst->items[i];
+        const int ia = levi_params_find(pa, it->name), ib = levi_params_find(pb, it->name);
+        if (ia < 0 || ib < 0)
+            return levi_errorf(err, LEVI_ERR_SHAPE,
+                               "WiSE-FT: tensor '%s' is missing from the %s encoder", it->name,
+                               ia < 0 ? "pre-trained" : "fine-tuned");
+        if (pa->items[ia].numel != it->numel || pb->items[ib].numel != it->numel)
+            return levi_errorf(err, LEVI_ERR_SHAPE,
+                               "WiSE-FT: tensor '%s' has %zu values in the model, %zu in the "
+                               "pre-trained and %zu in the fine-tuned encoder",
+                               it->name, it->numel, pa->items[ia].numel, pb->items[ib].numel);
+    }
+    const float wa = 1.0f - alpha;
+    for (int i = 0; i < dst->count; i++) {
+        const levi_param *it = &dst->items[i];
+        float *d = dst->data + it->offset;
+        const float *a = pa->data + pa->items[levi_params_find(pa, it->name)].offset;
+        const float *b = pb->data + pb->items[levi_params_find(pb, it->name)].offset;
+        // (1-alpha)*pre + alpha*tuned rather than pre + alpha*(tuned-pre): the end points
+        // alpha = 0 and 1 then give back each encoder bit for bit.
+        for (size_t j = 0; j < it->numel; j++) d[j] = wa * a[j] + alpha * b[j];
+    }
+    return LEVI_OK;
+}
