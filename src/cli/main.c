@@ -57,6 +57,8 @@ static void print_usage(FILE *f) {
             "  encode                     extract and cache the backbone's per-layer features\n"
             "  synthetic appb|e8          the paper's synthetic studies: App. B's linear\n"
             "                             example (Table 6) and E.8's spurious features\n"
+            "  vision                     LEVI and baselines on Fashion-MNIST with quality-shift\n"
+            "                             OOD groups (frozen EfficientNet-Lite0)\n"
             "\n"
             "`levi <command> --help` describes each command's options.\n"
             "\n"
@@ -84,7 +86,7 @@ typedef struct {
 
 static const command commands[] = {
     {"fit", levi_cmd_fit},       {"eval", levi_cmd_eval},           {"predict", levi_cmd_predict},
-    {"encode", levi_cmd_encode}, {"synthetic", levi_cmd_synthetic},
+    {"encode", levi_cmd_encode}, {"synthetic", levi_cmd_synthetic}, {"vision", levi_cmd_vision},
 };
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
 
