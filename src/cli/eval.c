@@ -145,7 +145,7 @@ int levi_cmd_eval(int argc, char **argv) {
                    fit_method_name(method));
             continue;
         }
-        const char *name = levi_method_name((levi_method)method);
+        const char *name = fit_method_name(method);
         cJSON *entry = cJSON_CreateObject();
         cJSON_AddStringToObject(entry, "method", name);
         cJSON_AddStringToObject(entry, "label", levi_report_method_label(name));

@@ -7,9 +7,12 @@
  * Not for: the pipeline itself (pipeline.c), report formatting (report.c), re-evaluation
  * (eval.c) or prediction (predict.c). */
 #include "cli.h"
+#include "ensemble.h"
 #include "fit.h"
 #include "fit_finetune.h"
 #include "report.h"
+
+#include "levi/cost.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -18,6 +21,7 @@
 #include <string.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -48,7 +52,12 @@ static void fit_usage(FILE *f) {
         "                       $LEVI_CACHE/models/all-MiniLM-L6-v2)\n"
         "  --out DIR            output folder (default runs/<task>/, created)\n"
         "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias or all, and\n"
-        "                       the backbone-training baselines ft,ht,lp-ft,fs,lora\n"
+        "                       the backbone-training baselines ft,ht,lp-ft,fs,lora;\n"
+        "                       layers: the per-layer study (paper Fig. 4), one method\n"
+        "                       layer<k> per feature layer k (0: embeddings), each one\n"
+        "                       adapter on that layer; layer<k> alone picks one;\n"
+        "                       ft+lp,ft+fs,wise-ft,a1,a2: post-hoc ensembles of the\n"
+        "                       finished runs of their members (docs/ensembles.md)\n"
         "                       (default levi,a4,bias; levi,a4 for classification)\n"
         "  --scale FRAC         fraction of ID-train rows ft,ht,lp-ft,fs,lora train on\n"
         "                       (default 1; a full MiniLM fine-tuning epoch on MovieLens\n"
@@ -128,6 +137,108 @@ static int parse_lrs(const char *s, fit_config *cfg) {
     return LEVI_EXIT_OK;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Per-layer-study method ids (fit.h: FIT_LAYER_BASE). */
+int fit_method_layer(int method) {
+    return method >= FIT_LAYER_BASE && method < FIT_LAYER_BASE + FIT_LAYER_MAX
+               ? method - FIT_LAYER_BASE
+               : -1;
+}
+
+const char *fit_layer_method_name(int method) {
+    static const char *const names[FIT_LAYER_MAX] = {
+        "layer0",  "layer1",  "layer2",  "layer3",  "layer4",  "layer5",  "layer6",  "layer7",
+        "layer8",  "layer9",  "layer10", "layer11", "layer12", "layer13", "layer14", "layer15",
+        "layer16", "layer17", "layer18", "layer19", "layer20", "layer21", "layer22", "layer23",
+        "layer24", "layer25", "layer26", "layer27", "layer28", "layer29", "layer30", "layer31"};
+    if (method == FIT_LAYERS_ALL) return "layers";
+    int k = fit_method_layer(method);
+    return k < 0 ? NULL : names[k];
+}
+
+int fit_layer_method_parse(const char *name) {
+    if (strcmp(name, "layers") == 0) return FIT_LAYERS_ALL;
+    if (strncmp(name, "layer", 5) != 0 || !name[5]) return -1;
+    const char *d = name + 5;
+    if (strspn(d, "0123456789") != strlen(d) || strlen(d) > 2 || (d[0] == '0' && d[1])) return -1;
+    int k = atoi(d);
+    return k < FIT_LAYER_MAX ? FIT_LAYER_BASE + k : -1;
+}
+
+/* Name of any method id: the per-layer ids here, the rest through pipeline.c. */
+static const char *method_name(int method) {
+    const char *n = fit_layer_method_name(method);
+    return n ? n : fit_method_name(method);
+}
+
+/* Run folders and LR grid of any method id: layer<k> runs live under runs/layer<k>/ and use
+   LEVI_METHOD_LAYER's grid; the others as pipeline.c says (eval and predict use those). */
+static void run_dir(const fit_config *cfg, int method, int seed, char *out, size_t cap) {
+    if (fit_method_layer(method) < 0) {
+        fit_run_dir(cfg, method, seed, out, cap);
+        return;
+    }
+    fit_path(out, cap, "%s/runs/%s/seed%d", cfg->out, method_name(method), seed);
+}
+
+static void search_dir(const fit_config *cfg, int method, float lr, char *out, size_t cap) {
+    if (fit_method_layer(method) < 0) {
+        fit_search_dir(cfg, method, lr, out, cap);
+        return;
+    }
+    fit_path(out, cap, "%s/runs/%s/lr-search/lr%g", cfg->out, method_name(method), (double)lr);
+}
+
+static int lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]) {
+    return fit_lr_grid(cfg, fit_method_layer(method) >= 0 ? LEVI_METHOD_LAYER : method, out);
+}
+
+/* The "methods" array of a fit.json-style object with every id's name (pipeline.c's
+   fit_config_to_json names only the ids it knows). */
+static void name_methods(cJSON *config, const fit_config *cfg) {
+    if (!config) return;
+    cJSON *m = cJSON_CreateArray();
+    for (int i = 0; i < cfg->n_methods; i++)
+        cJSON_AddItemToArray(m, cJSON_CreateString(method_name(cfg->methods[i])));
+    cJSON_ReplaceItemInObjectCaseSensitive(config, "methods", m);
+}
+
+/* Replaces FIT_LAYERS_ALL by layer0 .. layer<n_layers-1> in place (no duplicates) and checks
+   explicit layer<k> against the data's layers. Exit code. */
+static int expand_layer_methods(fit_config *cfg, int n_layers) {
+    int out[FIT_MAX_METHODS], n = 0;
+    for (int i = 0; i < cfg->n_methods; i++) {
+        int ids[FIT_LAYER_MAX], c = 0;
+        if (cfg->methods[i] == FIT_LAYERS_ALL) {
+            for (int k = 0; k < n_layers && k < FIT_LAYER_MAX; k++) ids[c++] = FIT_LAYER_BASE + k;
+        } else {
+            int k = fit_method_layer(cfg->methods[i]);
+            if (k >= n_layers) {
+                fprintf(stderr,
+                        "levi fit: --methods: layer%d: expected a feature layer in [0, %d] "
+                        "(the backbone's features have %d layers)\n",
+                        k, n_layers - 1, n_layers);
+                return LEVI_EXIT_USAGE;
+            }
+            ids[c++] = cfg->methods[i];
+        }
+        for (int q = 0; q < c; q++) {
+            int dup = 0;
+            for (int j = 0; j < n; j++) dup |= out[j] == ids[q];
+            if (dup) continue;
+            if (n >= FIT_MAX_METHODS) {
+                fprintf(stderr, "levi fit: --methods: expected at most %d methods\n",
+                        FIT_MAX_METHODS);
+                return LEVI_EXIT_USAGE;
+            }
+            out[n++] = ids[q];
+        }
+    }
+    memcpy(cfg->methods, out, (size_t)n * sizeof out[0]);
+    cfg->n_methods = n;
+    return LEVI_EXIT_OK;
+}
+
 static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
     char buf[1024];
     char expected[256] = "a comma-separated list of methods (";
@@ -135,7 +246,7 @@ static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
         strcat(expected, levi_method_name((levi_method)m));
         strcat(expected, ", ");
     }
-    strcat(expected, "or all)");
+    strcat(expected, "all, layers, layer<k>, ft, ht, lp-ft, fs or lora)");
     if (strlen(s) >= sizeof buf || !*s)
         return usage_error("levi fit: %s: expected %s, found '%s'", "--methods", expected, s);
     snprintf(buf, sizeof buf, "%s", s);
@@ -146,7 +257,8 @@ static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
         if (strcmp(tok, "all") == 0) {
             for (int m = 0; m < LEVI_METHOD_COUNT; m++) ids[n++] = m;
         } else {
-            int m = fit_method_parse(tok);
+            int m = fit_layer_method_parse(tok);
+            if (m < 0) m = fit_method_parse(tok);
             if (m < 0)
                 return usage_error("levi fit: %s: unknown method '%s'; expected %s", "--methods",
                                    tok, expected);
@@ -224,6 +336,7 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
     cfg->patience = tp.patience;
     cfg->batch = tp.batch_size;
     cfg->subsample_frac = 1;
+    cfg->ft_scale = 1; /* --scale's documented default: all ID-train rows */
     const char *target = NULL;
     int methods_given = 0;
     for (int i = 1; i < argc; i++) {
@@ -373,6 +486,11 @@ static int resolve_paths(fit_args *a) {
     int need_model = 0;
     for (int i = 0; i < cfg->n_methods; i++)
         need_model |= fit_method_needs_features(cfg->methods[i]) || cfg->methods[i] >= FIT_FT_BASE;
+    {
+        /* Ensemble members must be fitted in the same call: fail before any training. */
+        int rc = fit_ensembles_check(cfg);
+        if (rc != LEVI_EXIT_OK) return rc;
+    }
     if (need_model) {
         char m[FIT_PATH_MAX];
         if (a->model)
@@ -477,7 +595,10 @@ static const char *result_key(const cJSON *r) {
 }
 
 static levi_head_params head_params_for(fit_state *fs, int method) {
-    levi_head_params hp = levi_head_default_params((levi_method)method);
+    int layer = fit_method_layer(method);
+    levi_head_params hp =
+        levi_head_default_params(layer >= 0 ? LEVI_METHOD_LAYER : (levi_method)method);
+    if (layer >= 0) hp.layer_list[0] = layer;
     if (method == LEVI_METHOD_BIAS) {
         /* The bias floor is user + item biases; find those columns by name when the dataset
            has them, since the spec's column order need not put them first. */
@@ -529,6 +650,39 @@ static int run_finished(fit_state *fs, levi_model *m, int method, float lr, int 
     return 0;
 }
 
+void fit_add_run_cost(cJSON *result, const fit_config *cfg, const fit_context *ctx,
+                      double trainable_params, double head_params, double head_flops,
+                      int backbone_layers, double train_seconds, int epochs_run) {
+    double bb_params = 0, bb_flops = 0, tokens = NAN;
+    if (ctx->has_features && ctx->n > 0 && ctx->feat_info.tokens > 0)
+        tokens = (double)ctx->feat_info.tokens / (double)ctx->n;
+    if (backbone_layers >= 0) {
+        levi_bert_config bc;
+        levi_error err;
+        char path[FIT_PATH_MAX + 32];
+        fit_path(path, sizeof path, "%s/config.json", cfg->model);
+        if (cfg->model[0] && levi_bert_config_load(path, &bc, &err) == LEVI_OK) {
+            if (backbone_layers > bc.layers) backbone_layers = bc.layers; /* INT_MAX: all */
+            bb_params = (double)levi_bert_n_params_through(&bc, backbone_layers);
+            bb_flops =
+                isfinite(tokens) ? levi_bert_flops_through(&bc, backbone_layers, tokens) : NAN;
+        } else {
+            bb_params = bb_flops = NAN;
+        }
+    }
+    struct rusage ru;
+    double rss = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss : NAN; /* KiB on Linux */
+    cJSON *c = cJSON_AddObjectToObject(result, "cost");
+    cJSON_AddNumberToObject(c, "trainable_params", trainable_params);
+    cJSON_AddNumberToObject(c, "inference_params", head_params + bb_params);
+    cJSON_AddNumberToObject(c, "flops_per_example", head_flops + bb_flops);
+    cJSON_AddNumberToObject(c, "backbone_layers", backbone_layers);
+    cJSON_AddNumberToObject(c, "mean_tokens", tokens);
+    cJSON_AddNumberToObject(c, "seconds_per_epoch",
+                            epochs_run > 0 ? train_seconds / epochs_run : NAN);
+    cJSON_AddNumberToObject(c, "peak_rss_kib", rss);
+}
+
 /* Trains (or finds finished) the run of `method` at lr with seed in dir. On success *result
  * is the run-result JSON (caller frees). Returns an exit code. */
 static int run_one(fit_state *fs, int method, float lr, int seed, const char *dir,
@@ -574,7 +728,7 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     cJSON_AddStringToObject(conf, "format", "levi-run-config");
     cJSON_AddNumberToObject(conf, "version", 1);
     cJSON_AddStringToObject(conf, "key", key);
-    cJSON_AddStringToObject(conf, "method", levi_method_name((levi_method)method));
+    cJSON_AddStringToObject(conf, "method", method_name(method));
     cJSON_AddNumberToObject(conf, "seed", seed);
     cJSON_AddNumberToObject(conf, "lr", fit_float_json(lr));
     cJSON_AddNumberToObject(conf, "epochs", fs->cfg->epochs);
@@ -637,7 +791,7 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "format", "levi-run-result");
     cJSON_AddNumberToObject(r, "version", 1);
-    cJSON_AddStringToObject(r, "method", levi_method_name((levi_method)method));
+    cJSON_AddStringToObject(r, "method", method_name(method));
     cJSON_AddNumberToObject(r, "seed", seed);
     cJSON_AddNumberToObject(r, "lr", fit_float_json(lr));
     cJSON_AddStringToObject(r, "metric", ctx->lower_is_better ? "rmse" : "accuracy");
@@ -657,6 +811,9 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
         cJSON_AddItemToArray(lh, cJSON_CreateNumber(tr->loss_history[e]));
         cJSON_AddItemToArray(vh, cJSON_CreateNumber(tr->val_history[e]));
     }
+    double n_params = (double)levi_model_n_params(m);
+    fit_add_run_cost(r, fs->cfg, ctx, n_params, n_params, levi_model_flops_per_example(m),
+                     levi_model_backbone_depth(m), tr->seconds, tr->epochs_run);
     levi_free(tr);
     if (diverged) {
         /* No usable weights: every set's metric is NaN (JSON null). */
@@ -728,8 +885,8 @@ static void remove_run_dir(const char *dir) {
  * earlier fit already moved that run there as the winner (it keeps its key there). */
 static void grid_run_dir(const fit_config *cfg, int method, float lr, char *dir, size_t cap) {
     char seed0_dir[FIT_PATH_MAX], s0r[FIT_PATH_MAX + 32];
-    fit_search_dir(cfg, method, lr, dir, cap);
-    fit_run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
+    search_dir(cfg, method, lr, dir, cap);
+    run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
     snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
     levi_error e2;
     cJSON *moved = is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
@@ -745,7 +902,7 @@ static void grid_run_dir(const fit_config *cfg, int method, float lr, char *dir,
 static int choose_lr(fit_state *fs, int method, const float *grid, int n_lr, const double *lr_val,
                      int *best) {
     const fit_config *cfg = fs->cfg;
-    const char *name = levi_method_name((levi_method)method);
+    const char *name = method_name(method);
     *best = 0;
     for (int i = 1; i < n_lr; i++)
         if (better(fs->ctx->lower_is_better, lr_val[i], lr_val[*best])) *best = i;
@@ -754,8 +911,8 @@ static int choose_lr(fit_state *fs, int method, const float *grid, int n_lr, con
     printf(")\n");
     fflush(stdout);
     char dir[FIT_PATH_MAX], seed0_dir[FIT_PATH_MAX];
-    fit_search_dir(cfg, method, grid[*best], dir, sizeof dir);
-    fit_run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
+    search_dir(cfg, method, grid[*best], dir, sizeof dir);
+    run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
     if (is_dir(dir)) {
         /* Ties between stale seed0/ files and the winner go to the winner. */
         remove_run_dir(seed0_dir);
@@ -772,7 +929,7 @@ static int choose_lr(fit_state *fs, int method, const float *grid, int n_lr, con
  * `methods`; takes the results. With a one-entry grid the seed-0 run gives lr_val. */
 static void add_method_entry(int method, const float *grid, int n_lr, int best, double *lr_val,
                              int seeds, cJSON **results, cJSON *methods) {
-    const char *name = levi_method_name((levi_method)method);
+    const char *name = method_name(method);
     cJSON *entry = cJSON_CreateObject();
     cJSON_AddStringToObject(entry, "method", name);
     cJSON_AddStringToObject(entry, "label", levi_report_method_label(name));
@@ -797,9 +954,9 @@ static void add_method_entry(int method, const float *grid, int n_lr, int best, 
  * the other seeds. Adds the method's entry to `methods`. */
 static int fit_method(fit_state *fs, int method, cJSON *methods) {
     const fit_config *cfg = fs->cfg;
-    const char *name = levi_method_name((levi_method)method);
+    const char *name = method_name(method);
     float grid[LEVI_MAX_GRID];
-    int n_lr = fit_lr_grid(cfg, method, grid);
+    int n_lr = lr_grid(cfg, method, grid);
     double lr_val[LEVI_MAX_GRID];
     int best = 0, rc = LEVI_EXIT_OK;
     char dir[FIT_PATH_MAX], label[128];
@@ -820,7 +977,7 @@ static int fit_method(fit_state *fs, int method, cJSON *methods) {
         if ((rc = choose_lr(fs, method, grid, n_lr, lr_val, &best)) != LEVI_EXIT_OK) return rc;
     }
     for (int seed = 0; seed < cfg->seeds && rc == LEVI_EXIT_OK; seed++) {
-        fit_run_dir(cfg, method, seed, dir, sizeof dir);
+        run_dir(cfg, method, seed, dir, sizeof dir);
         snprintf(label, sizeof label, "%s seed %d", name, seed);
         rc = run_one(fs, method, grid[best], seed, dir, label, &results[seed]);
         if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
@@ -1272,7 +1429,7 @@ static void sched_plan(fit_sched *s, int *to_train) {
     for (int k = 0; k < cfg->n_methods; k++) {
         method_plan *p = &s->plan[k];
         p->method = cfg->methods[k];
-        p->n_lr = fit_lr_grid(cfg, p->method, p->grid);
+        p->n_lr = lr_grid(cfg, p->method, p->grid);
         p->grid_left = p->n_lr > 1 ? p->n_lr : 0;
         p->lr_val[0] = NAN;
         cap += p->grid_left + cfg->seeds;
@@ -1282,7 +1439,7 @@ static void sched_plan(fit_sched *s, int *to_train) {
     for (int pass = 0; pass < 2; pass++)
         for (int k = 0; k < cfg->n_methods; k++) {
             method_plan *p = &s->plan[k];
-            const char *name = levi_method_name((levi_method)p->method);
+            const char *name = method_name(p->method);
             int n = pass == 0 ? p->grid_left : cfg->seeds;
             for (int i = 0; i < n; i++) {
                 fit_job *j = &s->job[s->n_jobs++];
@@ -1297,7 +1454,7 @@ static void sched_plan(fit_sched *s, int *to_train) {
                     grid_run_dir(cfg, p->method, j->lr, j->dir, sizeof j->dir);
                     snprintf(j->label, sizeof j->label, "%s lr %g seed 0", name, (double)j->lr);
                 } else {
-                    fit_run_dir(cfg, p->method, j->seed, j->dir, sizeof j->dir);
+                    run_dir(cfg, p->method, j->seed, j->dir, sizeof j->dir);
                     snprintf(j->label, sizeof j->label, "%s seed %d", name, j->seed);
                 }
                 cJSON *r = NULL;
@@ -1364,6 +1521,11 @@ int levi_cmd_fit(int argc, char **argv) {
 
     fit_context ctx;
     if ((rc = fit_context_open(cfg, "fit", FIT_OPEN_SUMMARY, &ctx)) != LEVI_EXIT_OK) return rc;
+    rc = expand_layer_methods(cfg, ctx.has_features ? ctx.td.n_layers : 0);
+    if (rc != LEVI_EXIT_OK) {
+        fit_context_close(&ctx);
+        return rc;
+    }
     /* The bias model is regression-only. For a classification task it is left out of the
        default methods and of 'all'; naming it is a usage error, reported before any training. */
     if (levi_dataset_task(ctx.ds) == LEVI_TASK_CLASSIFICATION) {
@@ -1400,6 +1562,7 @@ int levi_cmd_fit(int argc, char **argv) {
     if (st == LEVI_OK) {
         char p[FIT_PATH_MAX + 32];
         cJSON *fj = fit_config_to_json(cfg);
+        name_methods(fj, cfg);
         snprintf(p, sizeof p, "%s/fit.json", cfg->out);
         st = fit_write_json(p, fj, &err);
         cJSON_Delete(fj);
@@ -1415,6 +1578,7 @@ int levi_cmd_fit(int argc, char **argv) {
 
     fit_state fs = {cfg, &ctx, -1};
     cJSON *results = fit_results_header(cfg, &ctx, "fit");
+    name_methods(cJSON_GetObjectItemCaseSensitive(results, "config"), cfg);
     cJSON *methods = cJSON_AddArrayToObject(results, "methods");
     double t_train = levi_now();
     /* Worker processes only pay off with two runs or more to train; a rerun that finds
@@ -1423,13 +1587,17 @@ int levi_cmd_fit(int argc, char **argv) {
        process with --threads threads: each holds an encoder and its activations, and one
        such run already keeps the cores busy. */
     int n_all = cfg->n_methods, n_head = 0, ft_methods[FIT_MAX_METHODS], n_ft = 0;
+    int ens_methods[FIT_MAX_METHODS], n_ens = 0;
     for (int i = 0; i < n_all; i++) {
-        if (cfg->methods[i] >= FIT_FT_BASE)
+        if (fit_is_ensemble(cfg->methods[i]))
+            ens_methods[n_ens++] = cfg->methods[i];
+        else if (cfg->methods[i] >= FIT_FT_BASE)
             ft_methods[n_ft++] = cfg->methods[i];
         else
             cfg->methods[n_head++] = cfg->methods[i];
     }
     for (int i = 0; i < n_ft; i++) cfg->methods[n_head + i] = ft_methods[i];
+    for (int i = 0; i < n_ens; i++) cfg->methods[n_head + n_ft + i] = ens_methods[i];
     cfg->n_methods = n_head;
     long jobs = a.jobs;
     if (jobs == 0) jobs = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1456,6 +1624,10 @@ int levi_cmd_fit(int argc, char **argv) {
         for (int i = 0; i < n_ft && rc == LEVI_EXIT_OK; i++)
             rc = fit_finetune_method(fit_method_name(ft_methods[i]), cfg, &ctx, &ft_opts, methods);
     }
+    if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+    /* Post-hoc ensembles of the finished runs (src/cli/ensemble.c): after every method above
+       has its entry in `methods`, before the report is written. */
+    if (n_ens > 0 && rc == LEVI_EXIT_OK) rc = fit_ensembles(cfg, &ctx, methods);
     if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
     if (rc != LEVI_EXIT_OK) {
         if (rc == LEVI_EXIT_INTERRUPTED)

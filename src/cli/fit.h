@@ -18,7 +18,17 @@
 /* Method ids: levi_method values, and FIT_FT_BASE + levi_ft_mode for the backbone-training
    baselines (finetune.h: ft, ht, lp-ft, fs, lora). */
 #define FIT_FT_BASE 100
-#define FIT_MAX_METHODS (LEVI_METHOD_COUNT + 6)
+/* The per-layer study (paper Fig. 4): FIT_LAYER_BASE + k is "layer<k>", LEVI_METHOD_LAYER with
+   its one adapter on feature layer k (0: the embeddings output). The ids lie below
+   FIT_FT_BASE, so everything that tells head methods from backbone-training ones by
+   `>= FIT_FT_BASE` treats them as head methods; FIT_LAYERS_ALL is what --methods "layers"
+   parses to, expanded to one id per feature layer once the features are known. fit.c owns
+   these ids (fit_method_layer, fit_layer_method_name). */
+#define FIT_LAYER_BASE 32
+#define FIT_LAYER_MAX 32
+#define FIT_LAYERS_ALL (FIT_LAYER_BASE + FIT_LAYER_MAX)
+/* + 5: the post-hoc ensembles, ids FIT_ENS_BASE + k (ensemble.h). */
+#define FIT_MAX_METHODS (LEVI_METHOD_COUNT + 6 + FIT_LAYER_MAX + 5)
 #define FIT_MAX_SEEDS 32
 
 /* Everything that defines a fit; saved as <out>/fit.json so eval and predict can rebuild it. */
@@ -79,6 +89,27 @@ int fit_fail(const char *cmd, const levi_error *err);
 
 /* The LEVI_CACHE root: $LEVI_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/levi. */
 void fit_default_cache(char *out, size_t cap);
+
+/* The feature layer k of a per-layer-study id (FIT_LAYER_BASE + k), else -1. */
+int fit_method_layer(int method);
+/* "layer<k>" for a per-layer-study id, "layers" for FIT_LAYERS_ALL, NULL for any other id
+ * (static storage). */
+const char *fit_layer_method_name(int method);
+/* The id of "layer<k>" (k in [0, FIT_LAYER_MAX)) or "layers", else -1. */
+int fit_layer_method_parse(const char *name);
+
+/* Adds "cost" to a run result: what the efficiency table (paper Table 15) needs.
+ *   {"trainable_params", "inference_params" (head, plus the backbone through the deepest
+ *    layer used when the method needs it at inference), "flops_per_example" (forward, head +
+ *    that backbone at the task's mean token count; cost.h), "backbone_layers", "mean_tokens",
+ *    "seconds_per_epoch", "peak_rss_kib" (ru_maxrss of the process that trained the run, the
+ *    loaded features included)}
+ * head_params/head_flops: of the method's head; backbone_layers: transformer layers the
+ * backbone runs at inference (-1: none; INT_MAX: all of them). Unknown numbers are written as null.
+ * Existing readers ignore the field; `levi eval` copies it from the run it re-evaluates. */
+void fit_add_run_cost(cJSON *result, const fit_config *cfg, const fit_context *ctx,
+                      double trainable_params, double head_params, double head_flops,
+                      int backbone_layers, double train_seconds, int epochs_run);
 
 /* 1 when the method trains on backbone features. */
 int fit_method_needs_features(int method);

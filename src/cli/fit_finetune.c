@@ -10,6 +10,7 @@
 #include "report.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -309,6 +310,18 @@ static int ff_run_one(ff_state *fs, float lr, int seed, const char *dir, const c
     for (int e = 0; e < tr->n_history; e++) {
         cJSON_AddItemToArray(lh, cJSON_CreateNumber(tr->loss_history[e]));
         cJSON_AddItemToArray(vh, cJSON_CreateNumber(tr->val_history[e]));
+    }
+    {
+        /* Efficiency fields (fit.h, fit_add_run_cost): every encoder layer runs at inference,
+           plus the linear head on its mean-pooled output, (hidden + 1) x outputs. */
+        levi_bert_config bc;
+        levi_error e3;
+        char cp[FIT_PATH_MAX + 32];
+        fit_path(cp, sizeof cp, "%s/config.json", fs->cfg->model);
+        double h = levi_bert_config_load(cp, &bc, &e3) == LEVI_OK ? bc.hidden : NAN;
+        double n_out = ctx->td.n_classes > 0 ? ctx->td.n_classes : 1;
+        fit_add_run_cost(r, fs->cfg, ctx, (double)levi_ft_trainable_count(m), (h + 1) * n_out,
+                         2 * h * n_out, INT_MAX, tr->seconds, tr->epochs_run);
     }
     levi_free(tr);
     if (diverged) {

@@ -4,6 +4,8 @@
  * the run-result JSON.
  * Not for: deciding which runs to train (fit.c) or formatting reports (report.c). */
 #include "fit.h"
+
+#include "ensemble.h"
 #include "levi/finetune.h"
 
 #include "cli.h"
@@ -74,20 +76,27 @@ void fit_default_cache(char *out, size_t cap) {
 
 int fit_method_needs_features(int method) {
     if (method >= FIT_FT_BASE) return 0;
+    if (fit_method_layer(method) >= 0 || method == FIT_LAYERS_ALL) return 1;
     levi_head_params hp = levi_head_default_params((levi_method)method);
     return hp.feature_adapters != 0;
 }
 
 const char *fit_method_name(int method) {
+    if (fit_is_ensemble(method)) return fit_ensemble_name(method);
+    const char *layer = fit_layer_method_name(method);
+    if (layer) return layer;
     return method >= FIT_FT_BASE ? levi_ft_mode_name((levi_ft_mode)(method - FIT_FT_BASE))
                                  : levi_method_name((levi_method)method);
 }
 
 int fit_method_parse(const char *name) {
-    int m = levi_method_parse(name);
+    int m = fit_layer_method_parse(name);
+    if (m >= 0) return m;
+    m = levi_method_parse(name);
     if (m >= 0) return m;
     m = levi_ft_mode_parse(name);
-    return m >= 0 && m != LEVI_FT_PROBE ? FIT_FT_BASE + m : -1;
+    if (m >= 0 && m != LEVI_FT_PROBE) return FIT_FT_BASE + m;
+    return fit_ensemble_parse(name); /* ft+lp, ft+fs, wise-ft, a1, a2 (ensemble.h) */
 }
 
 double fit_float_json(float x) {
@@ -97,15 +106,15 @@ double fit_float_json(float x) {
 }
 
 void fit_run_dir(const fit_config *cfg, int method, int seed, char *out, size_t cap) {
-    snprintf(out, cap, "%s/runs/%s/seed%d", cfg->out, levi_method_name((levi_method)method), seed);
+    snprintf(out, cap, "%s/runs/%s/seed%d", cfg->out, fit_method_name(method), seed);
 }
 
 void fit_search_dir(const fit_config *cfg, int method, float lr, char *out, size_t cap) {
-    snprintf(out, cap, "%s/runs/%s/lr-search/lr%g", cfg->out, levi_method_name((levi_method)method),
-             (double)lr);
+    snprintf(out, cap, "%s/runs/%s/lr-search/lr%g", cfg->out, fit_method_name(method), (double)lr);
 }
 
 int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]) {
+    if (fit_method_layer(method) >= 0) method = LEVI_METHOD_LAYER;
     /* The bias model has no learning rate (its lambda is chosen on ID val inside training). */
     if (method == LEVI_METHOD_BIAS || cfg->n_lrs == 0)
         return levi_default_lr_grid((levi_method)method, out);

@@ -1,9 +1,12 @@
 /* Results writers of the levi CLI: aggregation over seeds, results.json, results.csv and
- * report.md (the paper's Table 1, Table 5 and Tables 9/10 layouts with the paper's numbers
- * beside ours), and the Table-1-style table printed at the end of `levi fit`.
+ * report.md (the paper's Table 1, Table 5, Fig. 4, Tables 9/10 and Table 15 layouts with the
+ * paper's numbers beside ours, and its claims checked on ours), the SVG figures report.md links
+ * (drawn by plot.c), and the Table-1-style table printed at the end of `levi fit`.
  * Not for: computing metrics (levi.h does) or deciding what runs (fit.c does). The shapes of
  * the JSON documents handled here are written down in report.h. */
 #include "report.h"
+
+#include "plot.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -117,7 +120,7 @@ static const paper_row PAPER_ROWS[] = {
       {1.327f, .039f},
       {1.260f, .004f},
       {1.455f, .029f}}},
-    {"ft_robust",
+    {"ft+lp",
      "FT+RobustModel",
      {1.072f, 0.002f},
      {1.127f, 0.038f},
@@ -134,7 +137,7 @@ static const paper_row PAPER_ROWS[] = {
       {1.048f, .088f},
       {1.017f, .127f},
       {1.221f, .073f}}},
-    {"ft_fs",
+    {"ft+fs",
      "FT+FS",
      {1.058f, 0.011f},
      {1.159f, 0.018f},
@@ -151,7 +154,7 @@ static const paper_row PAPER_ROWS[] = {
       {1.091f, .044f},
       {1.033f, .018f},
       {1.277f, .024f}}},
-    {"ft_zeroshot",
+    {"wise-ft",
      "FT+ZeroShot",
      {1.177f, 0.010f},
      {1.253f, 0.038f},
@@ -255,6 +258,14 @@ static int is_ablation(const char *method) {
     return method[0] == 'a' && method[1] >= '1' && method[1] <= '5' && method[2] == 0;
 }
 
+/* k of a per-layer-study method "layer<k>", else -1. */
+static int layer_of(const char *method) {
+    if (strncmp(method, "layer", 5) != 0 || !method[5]) return -1;
+    const char *d = method + 5;
+    if (strspn(d, "0123456789") != strlen(d) || strlen(d) > 2) return -1;
+    return atoi(d);
+}
+
 const char *levi_report_method_label(const char *method) {
     static const struct {
         const char *name, *label;
@@ -266,9 +277,27 @@ const char *levi_report_method_label(const char *method) {
         {"lp", "LP (linear probe, last layer)"},
         {"layer", "LEVI, one adapter on the last layer"},
         {"bias", "Bias model (user+item, regularised)"},
+        {"ft", "FT (full fine-tuning)"},
+        {"ht", "HT (upper half of the layers tuned)"},
+        {"lp-ft", "LP->FT (linear probe, then full fine-tuning)"},
+        {"fs", "FS (the backbone's architecture from scratch)"},
+        {"lora", "LoRA (query and value, rank 8)"},
+        {"ft+lp", "FT+RobustModel (FT and LP averaged)"},
+        {"ft+fs", "FT+FS (outputs averaged)"},
+        {"wise-ft", "FT+ZeroShot (WiSE-FT weight interpolation)"},
+        {"a1", "A1) FT+FT (two FT seeds averaged)"},
+        {"a2", "A2) FT+MLP (FT and the small model averaged)"},
     };
     for (size_t i = 0; i < sizeof labels / sizeof labels[0]; i++)
         if (strcmp(labels[i].name, method) == 0) return labels[i].label;
+    /* The per-layer study's layer<k> (fit.c). */
+    static char layer_labels[32][48];
+    int k = layer_of(method);
+    if (k >= 0 && k < 32) {
+        snprintf(layer_labels[k], sizeof layer_labels[k], "LEVI, one adapter on layer %d%s", k,
+                 k == 0 ? " (embeddings)" : "");
+        return layer_labels[k];
+    }
     return method;
 }
 
@@ -876,6 +905,342 @@ static void md_paper_reference(FILE *f, const cJSON *results) {
                "working.\n\n");
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Fig. 4 (per-layer study), the methods figure, the efficiency table (Table 15 layout) and
+ * the paper's claims checked against our numbers. */
+
+/* summary[set].mean and .std of a method entry (NaN when absent). */
+static double stat_of(const cJSON *m, const char *set, const char *what) {
+    return num(
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(m, "summary"), set),
+        what);
+}
+
+static const cJSON *find_method(const cJSON *results, const char *name) {
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        if (strcmp(str(m, "method"), name) == 0) return m;
+    }
+    return NULL;
+}
+
+/* The layer<k> methods in layer order: by_layer[k] (NULL where absent); returns 1 + the
+   highest layer present (0: no per-layer study). */
+static int layer_methods(const cJSON *results, const cJSON *by_layer[32]) {
+    int n = 0;
+    for (int k = 0; k < 32; k++) by_layer[k] = NULL;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        int k = layer_of(str(m, "method"));
+        if (k < 0 || k >= 32) continue;
+        by_layer[k] = m;
+        if (k + 1 > n) n = k + 1;
+    }
+    return n;
+}
+
+static void fig4_svg(FILE *f, const cJSON *results) {
+    const cJSON *by_layer[32];
+    int n = layer_methods(results, by_layer);
+    double x[32], y[2][32], e[2][32];
+    static const char *const sets[2] = {"id_test", "ood"};
+    for (int k = 0; k < n; k++) {
+        x[k] = k;
+        for (int s = 0; s < 2; s++) {
+            y[s][k] = by_layer[k] ? stat_of(by_layer[k], sets[s], "mean") : NAN;
+            e[s][k] = by_layer[k] ? stat_of(by_layer[k], sets[s], "std") : NAN;
+        }
+    }
+    char title[128], ylab[64];
+    snprintf(title, sizeof title, "Per-layer study (Fig. 4): %s", str(results, "task"));
+    snprintf(ylab, sizeof ylab, "%s (mean ± std over seeds)", metric_label(results));
+    plot_chart c = {.title = title,
+                    .x_label = "feature layer (0 = embeddings)",
+                    .y_label = ylab,
+                    .n_series = 2,
+                    .integer_x = 1};
+    c.series[0] = (plot_series){"ID test", n, x, y[0], e[0]};
+    c.series[1] = (plot_series){"OOD", n, x, y[1], e[1]};
+    plot_line_svg(f, &c);
+}
+
+/* Methods other than the per-layer study's, for the methods figure (at most 32). */
+static int main_methods(const cJSON *results, const cJSON *out[32]) {
+    int n = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        if (layer_of(str(m, "method")) < 0 && n < 32) out[n++] = m;
+    }
+    return n;
+}
+
+static void methods_svg(FILE *f, const cJSON *results) {
+    const cJSON *ms[32];
+    int n = main_methods(results, ms);
+    const char *names[32];
+    double y[2][32], e[2][32];
+    static const char *const sets[2] = {"id_test", "ood"};
+    for (int i = 0; i < n; i++) {
+        names[i] = str(ms[i], "method");
+        for (int s = 0; s < 2; s++) {
+            y[s][i] = stat_of(ms[i], sets[s], "mean");
+            e[s][i] = stat_of(ms[i], sets[s], "std");
+        }
+    }
+    char title[128], ylab[64];
+    snprintf(title, sizeof title, "ID and OOD %s per method: %s", metric_label(results),
+             str(results, "task"));
+    snprintf(ylab, sizeof ylab, "%s (mean ± std over seeds)", metric_label(results));
+    plot_chart c = {.title = title,
+                    .x_label = "method",
+                    .y_label = ylab,
+                    .n_series = 2,
+                    .n_categories = n,
+                    .categories = names};
+    c.series[0] = (plot_series){"ID test", n, NULL, y[0], e[0]};
+    c.series[1] = (plot_series){"OOD", n, NULL, y[1], e[1]};
+    plot_bar_svg(f, &c);
+}
+
+static void md_fig4(FILE *f, const cJSON *results) {
+    const cJSON *by_layer[32];
+    int n = layer_methods(results, by_layer);
+    if (n == 0) return;
+    fprintf(f, "## Fig. 4 style: one adapter on one layer (per-layer study)\n\n");
+    fprintf(f, "![ID and OOD %s per layer](fig4-layers.svg)\n\n", metric_label(results));
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    tt->n_cols = 4;
+    tt_texts(tt, 0, 0, 4, (const char *const[]){"Layer", "ID test (ours)", "OOD (ours)", "LR"});
+    int r = 1;
+    for (int k = 0; k < n && r < 64; k++) {
+        if (!by_layer[k]) continue;
+        tt_set(tt, r, 0, "%d%s", k, k == 0 ? " (embeddings)" : "");
+        tt_ours(tt, r, 1, by_layer[k]);
+        tt_set(tt, r, 3, "%g", num(by_layer[k], "chosen_lr"));
+        r++;
+    }
+    tt_print(f, tt);
+    free(tt);
+    fputs("\nEach row is LEVI's small model plus one adapter on the output of that layer "
+          "(0: the embeddings, k: transformer layer k), with its own learning rate chosen on ID "
+          "validation. The paper (Fig. 4, T5x) finds early layers better OOD and later layers "
+          "better ID.\n\n",
+          f);
+}
+
+static void md_methods_fig(FILE *f, const cJSON *results) {
+    const cJSON *ms[32];
+    if (main_methods(results, ms) == 0) return;
+    fprintf(f, "![ID and OOD %s per method](methods.svg)\n\n", metric_label(results));
+}
+
+/* Mean over a method's runs of cost[key] (NaN when no run has it). */
+static double cost_mean(const cJSON *m, const char *key) {
+    double s = 0;
+    int n = 0;
+    const cJSON *run;
+    cJSON_ArrayForEach(run, cJSON_GetObjectItemCaseSensitive(m, "runs")) {
+        double v = num(cJSON_GetObjectItemCaseSensitive(run, "cost"), key);
+        if (isfinite(v)) s += v, n++;
+    }
+    return n ? s / n : NAN;
+}
+
+/* 12345678 -> "12.3M" (K, M, G, T), "-" for NaN. */
+static void fmt_si(char *buf, size_t cap, double v) {
+    static const char *const suffix[] = {"", "K", "M", "G", "T"};
+    if (!isfinite(v)) {
+        snprintf(buf, cap, "-");
+        return;
+    }
+    int i = 0;
+    while (fabs(v) >= 1000 && i < 4) v /= 1000, i++;
+    snprintf(buf, cap, i == 0 ? "%.0f%s" : "%.3g%s", v, suffix[i]);
+}
+
+static void md_efficiency(FILE *f, const cJSON *results) {
+    int any = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        any |= isfinite(cost_mean(m, "trainable_params"));
+    }
+    if (!any) return;
+    fprintf(f, "## Table 15 style: efficiency\n\n");
+    text_table *tt = calloc(1, sizeof *tt);
+    if (!tt) return;
+    tt->n_cols = 6;
+    tt_texts(tt, 0, 0, 6,
+             (const char *const[]){"Method", "Params (train.)", "Params (infer.)",
+                                   "FLOPs / example", "train s / epoch", "peak RSS (MiB)"});
+    int r = 1;
+    double tokens = NAN;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+        if (r >= 64) break;
+        tt_set(tt, r, 0, "%s", str(m, "method"));
+        fmt_si(tt_cell(tt, r, 1), TT_CELL, cost_mean(m, "trainable_params"));
+        fmt_si(tt_cell(tt, r, 2), TT_CELL, cost_mean(m, "inference_params"));
+        fmt_si(tt_cell(tt, r, 3), TT_CELL, cost_mean(m, "flops_per_example"));
+        double spe = cost_mean(m, "seconds_per_epoch"), rss = cost_mean(m, "peak_rss_kib");
+        if (isfinite(spe))
+            tt_set(tt, r, 4, "%.3g", spe);
+        else
+            tt_set(tt, r, 4, "-");
+        if (isfinite(rss))
+            tt_set(tt, r, 5, "%.0f", rss / 1024);
+        else
+            tt_set(tt, r, 5, "-");
+        if (!isfinite(tokens)) tokens = cost_mean(m, "mean_tokens");
+        r++;
+    }
+    tt_print(f, tt);
+    free(tt);
+    fprintf(f,
+            "\nParams (infer.) add the backbone through the deepest layer a method reads when it "
+            "needs the backbone at inference; FLOPs are forward multiply-adds x 2 of the head "
+            "plus that backbone at the task's mean of %.1f tokens per text (include/levi/"
+            "cost.h). Seconds per epoch and peak RSS are measured on the run's process (mean "
+            "over seeds; a machine shared with other work distorts them); RSS includes the "
+            "loaded features.\n\n",
+            tokens);
+}
+
+/* "yes"/"no" for a condition that could be evaluated, "not run" otherwise. */
+static const char *verdict(int known, int holds) {
+    return !known ? "not run" : holds ? "yes" : "no";
+}
+
+static void md_claims(FILE *f, const cJSON *results) {
+    int lower = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(results, "lower_is_better"));
+    /* a better than b */
+#define BETTER(a, b) (lower ? (a) < (b) : (a) > (b))
+    fprintf(f, "## The paper's claims on our numbers\n\n");
+    fprintf(f, "OOD and ID are mean %s over seeds (%s is better).\n\n", metric_label(results),
+            lower ? "lower" : "higher");
+    const cJSON *ft = find_method(results, "ft"), *lp = find_method(results, "lp");
+    const cJSON *fs = find_method(results, "fs"), *levi = find_method(results, "levi");
+    /* 1. FT worse OOD than LP or FS */
+    if (ft && (lp || fs)) {
+        double o_ft = stat_of(ft, "ood", "mean");
+        double o_lp = lp ? stat_of(lp, "ood", "mean") : NAN;
+        double o_fs = fs ? stat_of(fs, "ood", "mean") : NAN;
+        int holds = (lp && BETTER(o_lp, o_ft)) || (fs && BETTER(o_fs, o_ft));
+        fprintf(f, "- FT worse OOD than LP or FS: FT %.3f, LP %.3f, FS %.3f: **%s**\n", o_ft, o_lp,
+                o_fs, verdict(isfinite(o_ft), holds));
+    } else {
+        fprintf(f, "- FT worse OOD than LP or FS: **not run** (needs ft and lp or fs)\n");
+    }
+    /* 2. LEVI best OOD */
+    if (levi) {
+        double o = stat_of(levi, "ood", "mean");
+        const char *best = "levi";
+        double bv = o;
+        const cJSON *m;
+        cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(results, "methods")) {
+            double v = stat_of(m, "ood", "mean");
+            if (layer_of(str(m, "method")) >= 0) continue; /* the study, not a baseline */
+            if (isfinite(v) && (!isfinite(bv) || BETTER(v, bv))) bv = v, best = str(m, "method");
+        }
+        fprintf(f,
+                "- LEVI best OOD of the methods run (per-layer study aside): LEVI %.3f, best "
+                "%s %.3f: **%s**\n",
+                o, best, bv, verdict(isfinite(o), strcmp(best, "levi") == 0));
+    } else {
+        fprintf(f, "- LEVI best OOD: **not run**\n");
+    }
+    /* 3. Table 5: LEVI better OOD than every ablation; the paper's ablation order by OOD is
+       A5 (1.121) < A3 (1.142) < A4 (1.158). */
+    {
+        static const char *const abl[3] = {"a5", "a3", "a4"};
+        double v[3];
+        int present = 0, all = 1;
+        fprintf(f, "- Table 5: LEVI better OOD than each ablation (A3, A4, A5), ablations in the "
+                   "paper's OOD order A5 < A3 < A4:");
+        for (int i = 0; i < 3; i++) {
+            const cJSON *a = find_method(results, abl[i]);
+            v[i] = a ? stat_of(a, "ood", "mean") : NAN;
+            if (a) present++;
+            if (a) fprintf(f, " %s %.3f,", abl[i], v[i]);
+        }
+        double o = levi ? stat_of(levi, "ood", "mean") : NAN;
+        if (levi) fprintf(f, " levi %.3f", o);
+        int beats = levi != NULL;
+        for (int i = 0; i < 3; i++)
+            if (isfinite(v[i])) beats &= BETTER(o, v[i]);
+        all = present == 3 && BETTER(v[0], v[1]) && BETTER(v[1], v[2]);
+        if (!levi || present == 0)
+            fprintf(f, ": **not run**\n");
+        else
+            fprintf(f, ": LEVI better than each: **%s**; paper's order: **%s**\n",
+                    verdict(1, beats), verdict(present == 3, all));
+    }
+    /* 4. Per-layer study: early layers better OOD, later layers better ID. Early = the first
+       half of the layers present, late = the rest; compared by their mean metrics. */
+    {
+        const cJSON *by_layer[32];
+        int n = layer_methods(results, by_layer), k_idx[32], c = 0;
+        for (int k = 0; k < n; k++)
+            if (by_layer[k]) k_idx[c++] = k;
+        if (c >= 2) {
+            double e_id = 0, l_id = 0, e_ood = 0, l_ood = 0;
+            int ne = c / 2, nl = c - c / 2, best_id = -1, best_ood = -1;
+            double bid = NAN, bood = NAN;
+            for (int i = 0; i < c; i++) {
+                const cJSON *m = by_layer[k_idx[i]];
+                double id = stat_of(m, "id_test", "mean"), ood = stat_of(m, "ood", "mean");
+                if (i < ne)
+                    e_id += id / ne, e_ood += ood / ne;
+                else
+                    l_id += id / nl, l_ood += ood / nl;
+                if (isfinite(id) && (best_id < 0 || BETTER(id, bid))) bid = id, best_id = k_idx[i];
+                if (isfinite(ood) && (best_ood < 0 || BETTER(ood, bood)))
+                    bood = ood, best_ood = k_idx[i];
+            }
+            int ood_early = BETTER(e_ood, l_ood), id_late = BETTER(l_id, e_id);
+            fprintf(f,
+                    "- Early layers better OOD, later layers better ID (Fig. 4): early half "
+                    "(layers %d-%d) ID %.3f / OOD %.3f, late half (layers %d-%d) ID %.3f / OOD "
+                    "%.3f; best ID at layer %d, best OOD at layer %d: early better OOD **%s**, "
+                    "later better ID **%s**\n",
+                    k_idx[0], k_idx[ne - 1], e_id, e_ood, k_idx[ne], k_idx[c - 1], l_id, l_ood,
+                    best_id, best_ood, verdict(1, ood_early), verdict(1, id_late));
+        } else {
+            fprintf(f, "- Early layers better OOD, later layers better ID: **not run** (needs "
+                       "--methods layers)\n");
+        }
+    }
+    /* 5. Efficiency: LEVI trains far fewer parameters than FT at about FT's FLOPs (Table 15:
+       ~2M vs 60M trainable, 33G + ~4M vs 33G FLOPs). */
+    if (levi && ft) {
+        double lt = cost_mean(levi, "trainable_params"), ftt = cost_mean(ft, "trainable_params");
+        double lf = cost_mean(levi, "flops_per_example"), ff = cost_mean(ft, "flops_per_example");
+        char a[32], b[32], c2[32], d[32];
+        fmt_si(a, sizeof a, lt);
+        fmt_si(b, sizeof b, ftt);
+        fmt_si(c2, sizeof c2, lf);
+        fmt_si(d, sizeof d, ff);
+        int known = isfinite(lt) && isfinite(ftt) && isfinite(lf) && isfinite(ff);
+        fprintf(f,
+                "- LEVI trains far fewer parameters than FT at about FT's FLOPs (within 5%%): "
+                "trainable %s vs %s, FLOPs/example %s vs %s: **%s**\n",
+                a, b, c2, d, verdict(known, known && lt < 0.2 * ftt && lf <= 1.05 * ff));
+    } else if (levi) {
+        double lt = cost_mean(levi, "trainable_params");
+        double bb = cost_mean(levi, "inference_params") - lt;
+        char a[32], b[32];
+        fmt_si(a, sizeof a, lt);
+        fmt_si(b, sizeof b, bb);
+        fprintf(f,
+                "- LEVI's trainable parameters and FLOPs vs FT's: LEVI trains %s; FT would train "
+                "the backbone's %s plus a head: **not run** (needs ft)\n",
+                a, b);
+    } else {
+        fprintf(f, "- LEVI's trainable parameters and FLOPs vs FT's: **not run**\n");
+    }
+#undef BETTER
+    fputc('\n', f);
+}
+
 void levi_report_markdown(FILE *f, const cJSON *results) {
     md_header(f, results);
     fprintf(f, "## Table 1 style: ID and OOD %s\n\n", metric_label(results));
@@ -885,9 +1250,13 @@ void levi_report_markdown(FILE *f, const cJSON *results) {
               "ours use a frozen all-MiniLM-L6-v2, so compare orderings, not digits.\n",
               f);
     fputc('\n', f);
+    md_methods_fig(f, results);
     md_table5(f, results);
+    md_fig4(f, results);
     md_groups(f, results);
     md_adapters(f, results);
+    md_efficiency(f, results);
+    md_claims(f, results);
     md_selection_and_times(f, results);
     md_paper_reference(f, results);
 }
@@ -994,6 +1363,13 @@ levi_status levi_report_write(const char *out_dir, const cJSON *results, levi_er
     free(with_nl);
     if (st != LEVI_OK) return st;
     st = write_stream(out_dir, "results.csv", levi_report_csv, results, err);
+    if (st != LEVI_OK) return st;
+    /* The figures report.md links (md_fig4, md_methods_fig decide the same way). */
+    const cJSON *by_layer[32], *ms[32];
+    if (layer_methods(results, by_layer) > 0)
+        st = write_stream(out_dir, "fig4-layers.svg", fig4_svg, results, err);
+    if (st == LEVI_OK && main_methods(results, ms) > 0)
+        st = write_stream(out_dir, "methods.svg", methods_svg, results, err);
     if (st != LEVI_OK) return st;
     return write_stream(out_dir, "report.md", levi_report_markdown, results, err);
 }

@@ -1,7 +1,7 @@
 /* Results of `levi fit` / `levi eval` as files: per-method aggregation over seeds (mean and
  * sample std), results.json, results.csv, report.md in the paper's table layouts (Table 1,
- * Table 5, Tables 9/10) with the paper's own numbers beside ours, and the Table-1-style table
- * on stdout.
+ * Table 5, Fig. 4, Tables 9/10, Table 15) with the paper's own numbers beside ours, SVG
+ * figures (plot.h), and the Table-1-style table on stdout.
  *
  * The data model is a cJSON document, because it is what results.json holds and what
  * `levi eval` rebuilds; its shape is written down below and checked where it is read.
@@ -12,6 +12,9 @@
  *    "train": {"epochs_run", "best_epoch", "best_val", "diverged", "stopped_early", "steps",
  *              "seconds", "examples_per_s"},
  *    "eval_seconds": s,
+ *    "cost": {"trainable_params", "inference_params", "flops_per_example", "backbone_layers",
+ *             "mean_tokens", "seconds_per_epoch", "peak_rss_kib"}   (fit.h: fit_add_run_cost;
+ *             absent in runs written before it existed: the efficiency table shows "-"),
  *    "adapters": [{"name": "small+layer3", "layer": 3}, ...],
  *    "sets": [{"name": "id_val"|"id_test"|"ood"|"ood/<group>", "n": rows, "value": metric,
  *              "adapters": [metric per adapter]}, ...]}
@@ -41,7 +44,11 @@ const char *levi_report_method_label(const char *method);
  * eval set's metric, NaN metrics (diverged runs) included as NaN. Also "train_seconds". */
 void levi_report_summarize_method(cJSON *method);
 
-/* Writes results.json, results.csv and report.md into out_dir, each atomically. */
+/* Writes results.json, results.csv and report.md into out_dir, each atomically, and the
+ * figures report.md links: fig4-layers.svg (ID and OOD per layer, when the per-layer study's
+ * layer<k> methods ran) and methods.svg (ID and OOD per method, the other methods). report.md
+ * also holds the Fig. 4 table, the efficiency table (Table 15 layout, from each run's "cost")
+ * and the paper's claims, each marked yes / no / not run on our numbers. */
 levi_status levi_report_write(const char *out_dir, const cJSON *results, levi_error *err);
 
 /* The Table-1-style table (Method | ID | OOD (N groups) | paper ID | paper OOD). */
