@@ -468,10 +468,15 @@ int fit_context_open(const fit_config *cfg, const char *cmd, int flags, fit_cont
     if (st != LEVI_OK) {
         /* Missing or unreadable data is the user's input, not a failure of levi. */
         if (st == LEVI_ERR_IO) err.status = LEVI_ERR_NOT_FOUND;
-        if (!cfg->data[0] && !cfg->spec_path[0])
+        if (!cfg->data[0] && !cfg->spec_path[0] && strcmp(cfg->target, "movielens") == 0)
             levi_error_prefix(&err, "no usable MovieLens data (run scripts/setup.sh, or pass "
                                     "--data DIR: a GroupLens ml-100k folder or RecBole atomic "
                                     "files): ");
+        else if (!cfg->data[0])
+            levi_error_prefix(&err,
+                              "no usable data for %s (set LEVI_DATA_DIR to the folder the "
+                              "spec's source.path names, or pass --data PATH): ",
+                              cfg->target);
         rc = fit_fail(cmd, &err);
         goto fail;
     }
