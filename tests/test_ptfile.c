@@ -176,7 +176,7 @@ static void check_against(const levi_pt_file *f, const cJSON *list, const char *
 }
 
 static void test_mixed_both_formats(void **state) {
-    const char *files[] = {REF_DIR "mixed_zip.pt", REF_DIR "mixed_legacy.pt"};
+    const char *files[] = {REF_DIR "mixed_zip.torch", REF_DIR "mixed_legacy.torch"};
     for (int k = 0; k < 2; k++) {
         levi_pt_file *f = open_ok(fixture(files[k]));
         check_against(f, cJSON_GetObjectItem(expected, "mixed"), files[k]);
@@ -220,7 +220,7 @@ static void test_mixed_both_formats(void **state) {
 }
 
 static void test_small_both_formats(void **state) {
-    const char *files[] = {REF_DIR "small_zip.pt", REF_DIR "small_legacy.pt"};
+    const char *files[] = {REF_DIR "small_zip.torch", REF_DIR "small_legacy.torch"};
     for (int k = 0; k < 2; k++) {
         levi_pt_file *f = open_ok(fixture(files[k]));
         check_against(f, cJSON_GetObjectItem(expected, "small"), files[k]);
@@ -230,18 +230,18 @@ static void test_small_both_formats(void **state) {
 }
 
 static void test_hostile_pickles_refused(void **state) {
-    expect_open_fails(fixture(REF_DIR "evil_legacy.pt"), REFUSAL);
-    expect_open_fails(fixture(REF_DIR "evil_magic.pt"), REFUSAL);
-    expect_open_fails(fixture(REF_DIR "evil_zip.pt"), REFUSAL);
-    expect_open_fails(fixture(REF_DIR "deflated_zip.pt"), "is compressed");
+    expect_open_fails(fixture(REF_DIR "evil_legacy.torch"), REFUSAL);
+    expect_open_fails(fixture(REF_DIR "evil_magic.torch"), REFUSAL);
+    expect_open_fails(fixture(REF_DIR "evil_zip.torch"), REFUSAL);
+    expect_open_fails(fixture(REF_DIR "deflated_zip.torch"), "is compressed");
 }
 
 /* Hand-written pickles in the legacy layout, one per rule. */
 static void test_hostile_handmade(void **state) {
-    /* evil_legacy.pt is the legacy header (magic, protocol, system info) + evil_magic.pt. */
+    /* evil_legacy.torch is the legacy header (magic, protocol, system info) + evil_magic.torch. */
     size_t hlen, elen;
-    unsigned char *full = slurp(fixture(REF_DIR "evil_legacy.pt"), &hlen);
-    free(slurp(fixture(REF_DIR "evil_magic.pt"), &elen));
+    unsigned char *full = slurp(fixture(REF_DIR "evil_legacy.torch"), &hlen);
+    free(slurp(fixture(REF_DIR "evil_magic.torch"), &elen));
     assert_true(hlen > elen);
     size_t head = hlen - elen;
     static const struct {
@@ -345,8 +345,8 @@ static void test_hostile_handmade(void **state) {
     assert_int_equal(err.status, LEVI_ERR_IO);
 }
 
-static const char *const fuzz_fixtures[] = {REF_DIR "small_legacy.pt", REF_DIR "small_zip.pt",
-                                            REF_DIR "mixed_legacy.pt", REF_DIR "mixed_zip.pt"};
+static const char *const fuzz_fixtures[] = {REF_DIR "small_legacy.torch", REF_DIR "small_zip.torch",
+                                            REF_DIR "mixed_legacy.torch", REF_DIR "mixed_zip.torch"};
 
 static void test_every_truncation(void **state) {
     char path[600];

@@ -7,7 +7,7 @@ For: the golden tests of tests/test_images.c (bilinear and area resizing, down-t
 sampling, Gaussian blur, JPEG round trips, ImageNet preprocessing). Not for: the idx reader's
 malformed-file cases, which the C test writes itself.
 
-Usage (torch, torchvision, numpy, Pillow; /opt/levi-ref/bin/python has them all):
+Usage (torch, torchvision, numpy, Pillow; scripts/setup-reference.sh builds such a Python):
   python tests/ref/gen_images_ref.py --out tests/ref/images [--fashion DIR]
 Pillow must be linked to the same libjpeg as levi (Debian's libjpeg62-turbo) for the JPEG
 outputs to match bit for bit; the script records Pillow's libjpeg version.

@@ -7,7 +7,7 @@ checkpoint, a reference of its 296 tensors (names, shapes, dtypes, SHA-256 of th
 little-endian bytes, a few sums). Not for: anything the C test needs at run time beyond these
 files; the test never runs Python.
 
-Usage (torch needed; /opt/levi-ref/bin/python has it):
+Usage (torch needed; scripts/setup-reference.sh builds such a Python):
   python tests/ref/gen_ptfile_ref.py --out tests/ref/ptfile [--effnet PATH.pth]
 """
 import argparse
@@ -121,30 +121,30 @@ def main():
     os.makedirs(a.out, exist_ok=True)
 
     obj = mixed_state()
-    torch.save(obj, os.path.join(a.out, "mixed_zip.pt"))
-    torch.save(obj, os.path.join(a.out, "mixed_legacy.pt"), _use_new_zipfile_serialization=False)
+    torch.save(obj, os.path.join(a.out, "mixed_zip.torch"))
+    torch.save(obj, os.path.join(a.out, "mixed_legacy.torch"), _use_new_zipfile_serialization=False)
     small = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
              "n": torch.tensor(1), "h": torch.ones(2, dtype=torch.float16)}
-    torch.save(small, os.path.join(a.out, "small_zip.pt"))
-    torch.save(small, os.path.join(a.out, "small_legacy.pt"), _use_new_zipfile_serialization=False)
+    torch.save(small, os.path.join(a.out, "small_zip.torch"))
+    torch.save(small, os.path.join(a.out, "small_legacy.torch"), _use_new_zipfile_serialization=False)
 
     # The same archive with deflated entries: torch never writes these; the reader refuses.
-    with zipfile.ZipFile(os.path.join(a.out, "small_zip.pt")) as zin, \
-         zipfile.ZipFile(os.path.join(a.out, "deflated_zip.pt"), "w", zipfile.ZIP_DEFLATED) as zout:
+    with zipfile.ZipFile(os.path.join(a.out, "small_zip.torch")) as zin, \
+         zipfile.ZipFile(os.path.join(a.out, "deflated_zip.torch"), "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
 
     evil = pickle.dumps(Evil(), protocol=2)
     assert b"posix\nsystem" in evil or b"nt\nsystem" in evil
-    with open(os.path.join(a.out, "evil_legacy.pt"), "wb") as f:
+    with open(os.path.join(a.out, "evil_legacy.torch"), "wb") as f:
         f.write(legacy_header() + evil)
-    with open(os.path.join(a.out, "evil_magic.pt"), "wb") as f:
+    with open(os.path.join(a.out, "evil_magic.torch"), "wb") as f:
         f.write(evil)  # hostile from the first pickle on
-    with zipfile.ZipFile(os.path.join(a.out, "evil_zip.pt"), "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(os.path.join(a.out, "evil_zip.torch"), "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", evil)
         z.writestr("archive/byteorder", "little")
 
-    for name in ("mixed_zip.pt", "mixed_legacy.pt"):  # both formats load to the same values
+    for name in ("mixed_zip.torch", "mixed_legacy.torch"):  # both formats load to the same values
         back = torch.load(os.path.join(a.out, name), weights_only=True)
         assert reference(back, True) == reference(obj, True), name
 
