@@ -36,14 +36,20 @@ const char *levi_st_metadata(const levi_st_file *f, const char *key);
 levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
                              const int64_t *shape, float *dst, levi_error *err);
 
+/* Copies t into dst as F32 (converting F16/BF16; the data may be unaligned), checking that its
+ * shape is exactly shape[0..ndim). `where` (the file) and t->name go into errors. Shared by the
+ * safetensors and PyTorch checkpoint readers. */
+levi_status levi_tensor_read_f32(const levi_tensor *t, const char *where, int ndim,
+                                 const int64_t *shape, float *dst, levi_error *err);
+
 /* Writes tensors (any of the supported dtypes, contiguous) and optional metadata string
  * pairs (meta_keys/meta_vals, n_meta entries) atomically: tmp file, fsync, rename. Header
  * keys are written in the order given; the header is space-padded to a multiple of 8 bytes;
  * tensor data is packed without gaps (the reference loader rejects gaps), ordered by element
  * size, largest first, so every tensor is aligned to its own element size. */
 levi_status levi_st_write(const char *path, const levi_tensor *tensors, int n,
-                          const char *const *meta_keys, const char *const *meta_vals,
-                          int n_meta, levi_error *err);
+                          const char *const *meta_keys, const char *const *meta_vals, int n_meta,
+                          levi_error *err);
 
 /* Conversions. */
 float levi_f16_to_f32(uint16_t h);

@@ -816,17 +816,7 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
                      levi_model_backbone_depth(m), tr->seconds, tr->epochs_run);
     levi_free(tr);
     if (diverged) {
-        /* No usable weights: every set's metric is NaN (JSON null). */
-        cJSON *sets = cJSON_AddArrayToObject(r, "sets");
-        cJSON_AddArrayToObject(r, "adapters");
-        for (int k = 0; k < ctx->n_sets; k++) {
-            cJSON *s = cJSON_CreateObject();
-            cJSON_AddStringToObject(s, "name", ctx->sets[k].name);
-            cJSON_AddNumberToObject(s, "n", (double)ctx->sets[k].n);
-            cJSON_AddNullToObject(s, "value");
-            cJSON_AddArrayToObject(s, "adapters");
-            cJSON_AddItemToArray(sets, s);
-        }
+        fit_result_nan_sets(ctx, r);
     } else if ((st = fit_evaluate_run(ctx, m, r, &err)) != LEVI_OK) {
         cJSON_Delete(r);
         levi_model_free(m);

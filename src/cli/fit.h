@@ -137,6 +137,10 @@ void fit_context_close(fit_context *ctx);
 cJSON *fit_config_to_json(const fit_config *cfg);
 levi_status fit_config_from_json(const char *path, fit_config *cfg, levi_error *err);
 
+/* "sets" and "adapters" of a run that left no usable weights (diverged): every set's metric is
+ * NaN (JSON null). */
+void fit_result_nan_sets(const fit_context *ctx, cJSON *result);
+
 /* Runs every eval set through m and writes "sets" and "adapters" of a run result. */
 levi_status fit_evaluate_run(fit_context *ctx, levi_model *m, cJSON *result, levi_error *err);
 

@@ -325,16 +325,7 @@ static int ff_run_one(ff_state *fs, float lr, int seed, const char *dir, const c
     }
     levi_free(tr);
     if (diverged) {
-        cJSON *sets = cJSON_AddArrayToObject(r, "sets");
-        cJSON_AddArrayToObject(r, "adapters");
-        for (int k = 0; k < ctx->n_sets; k++) {
-            cJSON *s = cJSON_CreateObject();
-            cJSON_AddStringToObject(s, "name", ctx->sets[k].name);
-            cJSON_AddNumberToObject(s, "n", (double)ctx->sets[k].n);
-            cJSON_AddNullToObject(s, "value");
-            cJSON_AddArrayToObject(s, "adapters");
-            cJSON_AddItemToArray(sets, s);
-        }
+        fit_result_nan_sets(ctx, r);
     } else if ((st = ff_evaluate_run(fs, m, r, &err)) != LEVI_OK) {
         cJSON_Delete(r);
         levi_ft_free(m);

@@ -554,6 +554,19 @@ static void adapter_name(const levi_model *m, int j, char *out, size_t cap) {
         snprintf(out, cap, "layer%d", layer);
 }
 
+void fit_result_nan_sets(const fit_context *ctx, cJSON *r) {
+    cJSON *sets = cJSON_AddArrayToObject(r, "sets");
+    cJSON_AddArrayToObject(r, "adapters");
+    for (int k = 0; k < ctx->n_sets; k++) {
+        cJSON *s = cJSON_CreateObject();
+        cJSON_AddStringToObject(s, "name", ctx->sets[k].name);
+        cJSON_AddNumberToObject(s, "n", (double)ctx->sets[k].n);
+        cJSON_AddNullToObject(s, "value");
+        cJSON_AddArrayToObject(s, "adapters");
+        cJSON_AddItemToArray(sets, s);
+    }
+}
+
 levi_status fit_evaluate_run(fit_context *ctx, levi_model *m, cJSON *result, levi_error *err) {
     int n_adapters = levi_model_n_adapters(m);
     cJSON *adapters = cJSON_CreateArray();

@@ -18,7 +18,7 @@
  */
 #include "levi/ptfile.h"
 
-#include "levi/safetensors.h" /* levi_f16_to_f32, levi_bf16_to_f32 */
+#include "levi/safetensors.h" /* levi_tensor_read_f32, levi_f16_to_f32 */
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -1575,49 +1575,11 @@ const levi_tensor *levi_pt_find(const levi_pt_file *f, const char *name) {
     return NULL;
 }
 
-static void shape_str(char *buf, size_t cap, int ndim, const int64_t *shape) {
-    size_t used = (size_t)snprintf(buf, cap, "[");
-    for (int d = 0; d < ndim && used < cap; d++)
-        used += (size_t)snprintf(buf + used, cap - used, "%s%" PRId64, d ? ", " : "", shape[d]);
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-}
-
 levi_status levi_pt_read_f32(const levi_pt_file *f, const char *name, int ndim,
                              const int64_t *shape, float *dst, levi_error *err) {
     LEVI_ASSERT(f != NULL && name != NULL && dst != NULL, "levi_pt_read_f32 needs f, name, dst");
-    LEVI_ASSERT(ndim >= 0 && ndim <= LEVI_MAX_DIMS && (ndim == 0 || shape != NULL),
-                "ndim must be in [0, LEVI_MAX_DIMS] with a shape");
     const levi_tensor *t = levi_pt_find(f, name);
     if (!t) return levi_errorf(err, LEVI_ERR_NOT_FOUND, "%s: no tensor named '%s'", f->path, name);
-    int same = t->ndim == ndim;
-    for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
-    if (!same) {
-        char want[160], found[160];
-        shape_str(want, sizeof want, ndim, shape);
-        shape_str(found, sizeof found, t->ndim, t->shape);
-        return levi_errorf(err, LEVI_ERR_SHAPE, "%s: tensor '%s': expected shape %s, found %s",
-                           f->path, name, want, found);
-    }
-    int64_t n = levi_tensor_numel(t);
-    switch (t->dtype) {
-    case LEVI_F32:
-        memcpy(dst, t->data, (size_t)n * sizeof(float));
-        break;
-    case LEVI_F16: {
-        const uint16_t *src = t->data;
-        for (int64_t i = 0; i < n; i++) dst[i] = levi_f16_to_f32(src[i]);
-        break;
-    }
-    case LEVI_BF16: {
-        const uint16_t *src = t->data;
-        for (int64_t i = 0; i < n; i++) dst[i] = levi_bf16_to_f32(src[i]);
-        break;
-    }
-    default:
-        return levi_errorf(err, LEVI_ERR_FORMAT,
-                           "%s: tensor '%s': dtype %s cannot be read as F32 (expected F32, F16, "
-                           "BF16 or F64)",
-                           f->path, name, levi_dtype_name(t->dtype));
-    }
-    return LEVI_OK;
+    /* F64 storages were converted to F32 when the file was opened. */
+    return levi_tensor_read_f32(t, f->path, ndim, shape, dst, err);
 }

@@ -518,13 +518,11 @@ float levi_bf16_to_f32(uint16_t h) {
     return out;
 }
 
-levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
-                             const int64_t *shape, float *dst, levi_error *err) {
-    LEVI_ASSERT(f != NULL && name != NULL && dst != NULL, "levi_st_read_f32 needs f, name, dst");
+levi_status levi_tensor_read_f32(const levi_tensor *t, const char *where, int ndim,
+                                 const int64_t *shape, float *dst, levi_error *err) {
+    LEVI_ASSERT(t != NULL && where != NULL && dst != NULL, "levi_tensor_read_f32 needs t, dst");
     LEVI_ASSERT(ndim >= 0 && ndim <= LEVI_MAX_DIMS && (ndim == 0 || shape != NULL),
                 "ndim must be in [0, LEVI_MAX_DIMS] with a shape");
-    const levi_tensor *t = levi_st_find(f, name);
-    if (!t) return levi_errorf(err, LEVI_ERR_NOT_FOUND, "%s: no tensor named '%s'", f->path, name);
     int same = t->ndim == ndim;
     for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
     if (!same) {
@@ -532,7 +530,7 @@ levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
         shape_str(want, sizeof want, ndim, shape);
         shape_str(found, sizeof found, t->ndim, t->shape);
         return levi_errorf(err, LEVI_ERR_SHAPE, "%s: tensor '%s': expected shape %s, found %s",
-                           f->path, name, want, found);
+                           where, t->name, want, found);
     }
     int64_t n = levi_tensor_numel(t);
     const uint8_t *src = t->data;
@@ -560,9 +558,17 @@ levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
         return levi_errorf(err, LEVI_ERR_FORMAT,
                            "%s: tensor '%s': dtype %s cannot be read as F32 (expected F32, F16 "
                            "or BF16)",
-                           f->path, name, st_dtype_str(t->dtype));
+                           where, t->name, levi_dtype_name(t->dtype));
     }
     return LEVI_OK;
+}
+
+levi_status levi_st_read_f32(const levi_st_file *f, const char *name, int ndim,
+                             const int64_t *shape, float *dst, levi_error *err) {
+    LEVI_ASSERT(f != NULL && name != NULL && dst != NULL, "levi_st_read_f32 needs f, name, dst");
+    const levi_tensor *t = levi_st_find(f, name);
+    if (!t) return levi_errorf(err, LEVI_ERR_NOT_FOUND, "%s: no tensor named '%s'", f->path, name);
+    return levi_tensor_read_f32(t, f->path, ndim, shape, dst, err);
 }
 
 /* Validates what the caller passed; these come from levi's own code paths, but a model
