@@ -92,6 +92,10 @@ int main(int argc, char **argv) {
     d.y = y;
 
     levi_head_params hp = levi_head_default_params(LEVI_METHOD_LEVI);
+    /* The PyTorch reference (bench/pytorch/bench_train.py) has no dropout: compare the same
+       work. LEVI_BENCH_FEATURE_DROPOUT=P measures what levi's default (0.5) costs per step. */
+    const char *fdrop = getenv("LEVI_BENCH_FEATURE_DROPOUT");
+    hp.feature_dropout = fdrop ? (float)atof(fdrop) : 0.0f;
     levi_model *m = NULL;
     levi_error err = {0};
     if (levi_model_init(&m, &hp, &d, &err) != LEVI_OK) {

@@ -218,7 +218,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int(NR / 2) + 1] 
 maximum() { sort -g | tail -n1; }
 peak=$(values peak levi sgemm512_gflops | maximum)
 fma=$(values peak levi fma_gflops | maximum)
-fma_threads=$(values peak levi fma_threads | head -n1)
+fma_threads=$(values peak levi fma_threads | sed -n 1p)
 
 declare -A name=(
     [a]="LEVI train step, cached features (6 adapters, batch 200, Adam)"
@@ -256,7 +256,7 @@ for c in "${cases[@]}"; do
         [[ $side == torch ]] && ! has_torch_side "$c" && continue
         v=$(values "$c" $side value | median) g=$(values "$c" $side gflops | median)
         m=$(values "$c" $side maxrss_mib | maximum) cw=$(values "$c" $side cpu_wall | median)
-        u=$(values "$c" $side unit | head -n1)
+        u=$(values "$c" $side unit | sed -n 1p)
         rr=
         [[ $side == levi ]] && rr=${ratio:+${ratio}x}
         printf '%-4s %-6s %12s %-8s %9s %7s %9s %8s %9s\n' "$c" "$side" "$v" "$u" "$g" \
