@@ -20,20 +20,7 @@
 set -u
 levi=${1:?usage: cli_ensemble.sh <levi binary>}
 
-data=""
-if [ -n "${LEVI_RECBOLE_DIR:-}" ] && [ -f "$LEVI_RECBOLE_DIR/ml-100k.inter" ]; then
-    data=$LEVI_RECBOLE_DIR
-elif [ -n "${LEVI_DATA_DIR:-}" ] && [ -f "$LEVI_DATA_DIR/ml-100k/u.data" ]; then
-    data=$LEVI_DATA_DIR/ml-100k
-else
-    echo "skip: no MovieLens-100K (LEVI_RECBOLE_DIR or LEVI_DATA_DIR/ml-100k)"
-    exit 77
-fi
-model=${LEVI_MODEL_DIR:-}
-if [ -z "$model" ] || [ ! -f "$model/model.safetensors" ]; then
-    echo "skip: LEVI_MODEL_DIR does not name a folder with all-MiniLM-L6-v2's model.safetensors"
-    exit 77
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
