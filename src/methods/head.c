@@ -817,8 +817,12 @@ void levi__gather_batch(levi_model *m, const levi_task_data *d, const int64_t *r
                at prediction time (where nothing is dropped). */
             float keep = 1.0f / (1.0f - p);
             size_t n = (size_t)B * (size_t)m->n_used_layers * (size_t)m->feat_dim;
-            for (size_t i = 0; i < n; i++)
-                w->g[i] = levi_rng_uniform(mask_rng) < p ? 0.0f : w->g[i] * keep;
+            /* A select, not a branch: the draws are coin flips that a branch predictor would
+               miss half the time. Same draws, same result as the branch. */
+            for (size_t i = 0; i < n; i++) {
+                float scale = levi_rng_uniform(mask_rng) < p ? 0.0f : keep;
+                w->g[i] *= scale;
+            }
         }
     }
     if (labels) {
