@@ -510,7 +510,8 @@ static void test_spec_errors(void **state) {
                           NULL, &s, &e),
                &e, LEVI_ERR_FORMAT,
                "spec.json: labels: unknown key (expected one of: name, description, source, "
-               "label, categorical, numeric, text, text_max_tokens, shift, split, expect)");
+               "label, categorical, numeric, text, text_max_tokens, shift, split, expect, "
+               "hyperparameters)");
     assert_null(s);
     expect_msg(parse_spec(SPEC("{%s, \"label\": {\"column\": \"y\", \"task\": \"regression\"}, "
                                "\"categorical\": [\"a\", \"b\", {\"column\": \"c\", "
@@ -1268,7 +1269,27 @@ static void test_amazon_spec(void **state) {
     snprintf(json, sizeof json, "{%s, \"text\": \"{title}\"}", src);
     assert_int_equal(parse_spec(json, NULL, &s, &e), LEVI_OK);
     assert_int_equal(levi_spec_text_max_tokens(s), 0);
+    assert_int_equal(levi_spec_num_hyperparameters(s), 0);
     levi_spec_free(s);
+
+    /* Method hyperparameters: read back in order; only finite numbers pass. */
+    snprintf(json, sizeof json,
+             "{%s, \"hyperparameters\": {\"feature_dropout\": 0, \"other\": 2.5}}", src);
+    assert_int_equal(parse_spec(json, NULL, &s, &e), LEVI_OK);
+    assert_int_equal(levi_spec_num_hyperparameters(s), 2);
+    double hv = -1;
+    assert_string_equal(levi_spec_hyperparameter(s, 0, &hv), "feature_dropout");
+    assert_true(hv == 0.0);
+    assert_string_equal(levi_spec_hyperparameter(s, 1, &hv), "other");
+    assert_true(hv == 2.5);
+    levi_spec_free(s);
+    snprintf(json, sizeof json, "{%s, \"hyperparameters\": {\"feature_dropout\": \"0\"}}", src);
+    expect_msg(parse_spec(json, NULL, &s, &e), &e, LEVI_ERR_FORMAT,
+               "spec.json: hyperparameters.feature_dropout: expected a finite number, found "
+               "\"0\"");
+    snprintf(json, sizeof json, "{%s, \"hyperparameters\": [0.5]}", src);
+    expect_msg(parse_spec(json, NULL, &s, &e), &e, LEVI_ERR_FORMAT,
+               "spec.json: hyperparameters: expected an object, found an array");
     expect_msg(parse_spec("{\"source\": {\"reader\": \"amazon\", \"path\": \"x\", \"encoding\": "
                           "\"latin-1\"}, \"label\": {\"column\": \"y\", \"task\": "
                           "\"regression\"}}",

@@ -183,6 +183,11 @@ const char *levi_spec_name(const levi_spec *s); /* "name", else the file's base 
 levi_task levi_spec_task(const levi_spec *s);
 /* "text_max_tokens", or 0 when the spec leaves it to the feature extractor's default. */
 int levi_spec_text_max_tokens(const levi_spec *s);
+/* "hyperparameters": method settings chosen for this task on its ID validation data, e.g.
+ * {"feature_dropout": 0}; name i (0 <= i < count) and its value. The data layer only checks
+ * that each value is a finite number; the caller rejects names it does not know. */
+int levi_spec_num_hyperparameters(const levi_spec *s);
+const char *levi_spec_hyperparameter(const levi_spec *s, int i, double *value);
 /* Replaces source.path (a command-line override; relative to the current directory). */
 void levi_spec_set_source_path(levi_spec *s, const char *path);
 /* The source path that will be read: the first candidate that exists after ${VAR}

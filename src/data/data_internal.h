@@ -114,6 +114,10 @@ struct levi_spec {
     int num_numerics;
     char *text;          /* template as written, or NULL */
     int text_max_tokens; /* 0: the feature extractor's default */
+    /* "hyperparameters": name -> number, for the methods (this layer does not interpret them) */
+    char **hyper_names;
+    double *hyper_values;
+    int num_hyper;
     levi__tpl_piece *tpl;
     int num_tpl;
     /* shift */

@@ -742,6 +742,27 @@ static levi_status parse_expect(ctx *c, const cJSON *v, levi_spec *s) {
 
 /* ---- load / free --------------------------------------------------------------------------- */
 
+/* "hyperparameters": {"name": number, ...}: settings of the methods that suit this task
+ * (chosen on its ID validation data). Only numbers are checked here; which names exist is
+ * the business of the layer that trains. */
+static levi_status parse_hyperparameters(ctx *c, const cJSON *v, levi_spec *s) {
+    levi_status st = need_object(c, v, "hyperparameters");
+    if (st) return st;
+    int n = cJSON_GetArraySize(v);
+    s->hyper_names = calloc((size_t)n + 1, sizeof *s->hyper_names);
+    s->hyper_values = calloc((size_t)n + 1, sizeof *s->hyper_values);
+    LEVI_ASSERT(s->hyper_names && s->hyper_values, "out of memory");
+    for (const cJSON *e = v->child; e; e = e->next) {
+        char field[160];
+        snprintf(field, sizeof field, "hyperparameters.%s", e->string);
+        if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+            return bad(c, field, "a finite number", e);
+        s->hyper_names[s->num_hyper] = xstrdup(e->string);
+        s->hyper_values[s->num_hyper++] = e->valuedouble;
+    }
+    return LEVI_OK;
+}
+
 void levi_spec_free(levi_spec *s) {
     if (!s) return;
     free(s->file);
@@ -759,6 +780,8 @@ void levi_spec_free(levi_spec *s) {
     free(s->cats);
     free_list(s->numerics, s->num_numerics);
     free(s->text);
+    free_list(s->hyper_names, s->num_hyper);
+    free(s->hyper_values);
     for (int i = 0; i < s->num_tpl; i++) {
         free(s->tpl[i].literal);
         free(s->tpl[i].column);
@@ -823,7 +846,8 @@ levi_status levi_spec_parse(const char *json, size_t len, const char *name, cons
     levi_status st;
     static const char *const keys[] = {"name",        "description", "source", "label",
                                        "categorical", "numeric",     "text",   "text_max_tokens",
-                                       "shift",       "split",       "expect", NULL};
+                                       "shift",       "split",       "expect", "hyperparameters",
+                                       NULL};
     if (!cJSON_IsObject(root)) {
         char buf[96];
         st = levi_errorf(err, LEVI_ERR_FORMAT, "%s: expected a JSON object at the top, found %s",
@@ -882,6 +906,9 @@ levi_status levi_spec_parse(const char *json, size_t len, const char *name, cons
         goto done;
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "expect")) && (st = parse_expect(&c, v, s)))
         goto done;
+    if ((v = cJSON_GetObjectItemCaseSensitive(root, "hyperparameters")) &&
+        (st = parse_hyperparameters(&c, v, s)))
+        goto done;
     st = LEVI_OK;
 done:
     cJSON_Delete(root);
@@ -924,6 +951,16 @@ levi_task levi_spec_task(const levi_spec *s) {
 }
 int levi_spec_text_max_tokens(const levi_spec *s) {
     return s->text_max_tokens;
+}
+
+int levi_spec_num_hyperparameters(const levi_spec *s) {
+    return s->num_hyper;
+}
+
+const char *levi_spec_hyperparameter(const levi_spec *s, int i, double *value) {
+    LEVI_ASSERT(i >= 0 && i < s->num_hyper, "hyperparameter index out of range");
+    if (value) *value = s->hyper_values[i];
+    return s->hyper_names[i];
 }
 
 void levi_spec_set_source_path(levi_spec *s, const char *path) {
