@@ -49,6 +49,7 @@ expect 2 "\-\-subsample: expected .*found '0'" -- fit movielens --subsample 0
 expect 2 "\-\-subsample: expected .*found '1.5'" -- fit movielens --subsample 1.5
 expect 2 "\-\-epochs expects a value" -- fit movielens --epochs
 expect 2 "\-\-batch: expected an integer" -- fit movielens --batch 0
+expect 2 "\-\-feature-dropout: expected a probability in \[0, 1\), found '1'" -- fit movielens --feature-dropout 1
 expect 2 "unexpected argument 'extra'" -- fit movielens extra
 expect 2 "\-\-no-progress takes no value" -- fit movielens --no-progress=1
 expect 2 "missing the output folder" -- eval
@@ -89,6 +90,8 @@ echo "$good" | sed 's/data.csv/short.csv/' >"$tmp/short.json"
 echo "$good" | sed 's/"column": "y"/"column": "rating"/' >"$tmp/nocol.json"
 { cat "$tmp/data.csv"; echo "u1,i2,a"; } >"$tmp/short.csv"
 echo '{"name": "broken",' >"$tmp/broken.json"
+echo "$good" | sed 's/^{/{"hyperparameters": {"dropout": 0.1},/' >"$tmp/badhyper.json"
+echo "$good" | sed 's/^{/{"hyperparameters": {"feature_dropout": 1.5},/' >"$tmp/badhyper2.json"
 small=(--methods a4,bias --seeds 1 --epochs 1)
 
 expect 3 "nope.json.*cannot open" -- fit "$tmp/nope.json" "${small[@]}"
@@ -98,6 +101,8 @@ expect 3 "broken.json" -- fit "$tmp/broken.json" "${small[@]}"
 expect 3 "missing.json: source.path.*missing.csv" -- fit "$tmp/missing.json" "${small[@]}"
 expect 3 "short.csv:8: expected 4 fields, found 3" -- fit "$tmp/short.json" "${small[@]}"
 expect 3 "nocol.json.*rating" -- fit "$tmp/nocol.json" "${small[@]}"
+expect 3 "badhyper.json: hyperparameters.dropout: unknown hyperparameter \(known: feature_dropout\)" -- fit "$tmp/badhyper.json" "${small[@]}"
+expect 3 "badhyper2.json: hyperparameters.feature_dropout: expected a probability in \[0, 1\), found 1.5" -- fit "$tmp/badhyper2.json" "${small[@]}"
 expect 3 "\-\-data $tmp/nowhere" -- fit movielens --data "$tmp/nowhere" "${small[@]}"
 expect 3 "nomodel.*model.safetensors" -- fit movielens --model "$tmp/nomodel" --methods levi
 expect 3 "fit.json" -- eval "$tmp"

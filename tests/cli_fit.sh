@@ -100,6 +100,19 @@ grep -q "features: reused cache" "$tmp/log2" || fail "second run did not reuse t
 [ "$t2" -le 30 ] || fail "second run took $t2 s; expected a quick resume (<= 30 s)"
 cmp -s "$tmp/first.csv" "$out/results.csv" || fail "results.csv changed on the resumed run"
 
+# 3b. --feature-dropout reaches the adapters: the default run saved 0.5 in its configuration;
+#     with 0 the levi run counts as changed, trains again and saves 0.
+grep -Eq '"feature_dropout":[[:space:]]*0.5[,}]' "$out/runs/levi/seed0/config.json" ||
+    fail "runs/levi/seed0/config.json lacks the default feature_dropout 0.5"
+cp -r "$out" "$tmp/fd0"
+"$levi" fit movielens --subsample 3000 --epochs 2 --seeds 1 --lrs 1e-3 --methods levi \
+    --out "$tmp/fd0" --data "$data" --model "$model" --jobs 1 --feature-dropout 0 >"$tmp/log_fd" 2>&1 ||
+    { tail -10 "$tmp/log_fd"; fail "levi fit --feature-dropout 0 failed"; }
+grep -q "settings changed since the saved run" "$tmp/log_fd" ||
+    fail "--feature-dropout 0 did not invalidate the saved levi run"
+grep -Eq '"feature_dropout":[[:space:]]*0[,}]' "$tmp/fd0/runs/levi/seed0/config.json" ||
+    fail "--feature-dropout 0 did not reach runs/levi/seed0/config.json"
+
 # 4. levi eval recomputes the metrics from the checkpoints: the same numbers.
 "$levi" eval "$out" >"$tmp/log3" 2>&1
 rc=$?

@@ -68,6 +68,9 @@ static void fit_usage(FILE *f) {
         "  --epochs N           at most N epochs per run (default 30)\n"
         "  --patience N         early stopping after N epochs without a better ID-val\n"
         "                       metric (default 6)\n"
+        "  --feature-dropout P  dropout on the backbone features of the adapter methods\n"
+        "                       levi, a3, layer<k> (default: the spec's\n"
+        "                       hyperparameters.feature_dropout, else 0.5)\n"
         "  --batch N            batch size (default 200)\n"
         "  --threads N          threads for kernels and BLAS (default: all cores, or\n"
         "                       OMP_NUM_THREADS); with --jobs > 1 only feature\n"
@@ -337,6 +340,7 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
     cfg->batch = tp.batch_size;
     cfg->subsample_frac = 1;
     cfg->ft_scale = 1; /* --scale's documented default: all ID-train rows */
+    cfg->feature_dropout = NAN;
     const char *target = NULL;
     int methods_given = 0;
     for (int i = 1; i < argc; i++) {
@@ -367,8 +371,9 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         if (eq) value = eq + 1;
         static const char *const flags[] = {"--no-progress", "--print-spec"};
         static const char *const with_value[] = {
-            "--data",     "--model", "--out",     "--methods",   "--seeds", "--lrs",  "--epochs",
-            "--patience", "--batch", "--threads", "--subsample", "--cache", "--jobs", "--scale"};
+            "--data",      "--model",  "--out",      "--methods", "--seeds",
+            "--lrs",       "--epochs", "--patience", "--batch",   "--threads",
+            "--subsample", "--cache",  "--jobs",     "--scale",   "--feature-dropout"};
         int is_flag = 0, takes_value = 0;
         for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
             is_flag |= strcmp(name, flags[k]) == 0;
@@ -429,6 +434,13 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
                 rc = usage_error("levi fit: %s: expected %s, found '%s'", "--scale",
                                  "a fraction in (0, 1]", value);
             cfg->ft_scale = v;
+        } else if (strcmp(name, "--feature-dropout") == 0) {
+            char *end;
+            double v = strtod(value, &end);
+            if (end == value || *end || !(v >= 0 && v < 1))
+                rc = usage_error("levi fit: %s: expected %s, found '%s'", "--feature-dropout",
+                                 "a probability in [0, 1)", value);
+            cfg->feature_dropout = (float)v;
         }
         if (rc != LEVI_EXIT_OK) return rc;
         if (!*value &&
@@ -599,6 +611,9 @@ static levi_head_params head_params_for(fit_state *fs, int method) {
     levi_head_params hp =
         levi_head_default_params(layer >= 0 ? LEVI_METHOD_LAYER : (levi_method)method);
     if (layer >= 0) hp.layer_list[0] = layer;
+    /* The task's feature dropout replaces the default of the methods that have one. */
+    if (hp.feature_dropout > 0.0f && !isnan(fs->ctx->feature_dropout))
+        hp.feature_dropout = fs->ctx->feature_dropout;
     if (method == LEVI_METHOD_BIAS) {
         /* The bias floor is user + item biases; find those columns by name when the dataset
            has them, since the spec's column order need not put them first. */

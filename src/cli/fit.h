@@ -51,6 +51,7 @@ typedef struct fit_config {
                                train on (1: all) */
     double subsample_frac;  /* 1 and subsample_rows 0: no subsampling */
     int64_t subsample_rows; /* 0: no cap */
+    float feature_dropout;  /* --feature-dropout; NaN: the spec's, else each method's default */
 } fit_config;
 
 /* The loaded pipeline: spec, dataset, features, task data, eval sets. */
@@ -62,6 +63,9 @@ typedef struct fit_context {
     levi_features feats;               /* n_layers == 0 when no method needs them */
     levi_featcache_info feat_info;
     int has_features;
+    /* Feature dropout of the adapter methods (levi, a3, layer<k>): --feature-dropout, else the
+       spec's hyperparameters.feature_dropout; NaN: the methods' defaults. */
+    float feature_dropout;
     int64_t n;
     int32_t *cat, *cat_card, *cat_mask_group;
     float *cat_mask_prob, *num, *y;

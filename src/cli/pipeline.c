@@ -193,6 +193,10 @@ cJSON *fit_config_to_json(const fit_config *cfg) {
     cJSON_AddNumberToObject(o, "threads", cfg->threads);
     cJSON_AddNumberToObject(o, "subsample_fraction", cfg->subsample_frac);
     cJSON_AddNumberToObject(o, "subsample_rows", (double)cfg->subsample_rows);
+    if (isnan(cfg->feature_dropout))
+        cJSON_AddNullToObject(o, "feature_dropout"); /* the spec's, else the methods' default */
+    else
+        cJSON_AddNumberToObject(o, "feature_dropout", cfg->feature_dropout);
     return o;
 }
 
@@ -273,6 +277,12 @@ levi_status fit_config_from_json(const char *path, fit_config *cfg, levi_error *
         goto done;
     if ((st = get_number(o, path, "subsample_rows", 0, 9e15, &v, err))) goto done;
     cfg->subsample_rows = (int64_t)v;
+    cfg->feature_dropout = NAN; /* absent (older files) or null: not set on the command line */
+    const cJSON *fd = cJSON_GetObjectItemCaseSensitive(o, "feature_dropout");
+    if (fd && !cJSON_IsNull(fd)) {
+        if ((st = get_number(o, path, "feature_dropout", 0, 0.999999, &v, err))) goto done;
+        cfg->feature_dropout = (float)v;
+    }
 done:
     cJSON_Delete(o);
     return st;
@@ -344,6 +354,28 @@ static int load_spec(const fit_config *cfg, const char *cmd, fit_context *ctx) {
         return fit_fail(cmd, &err);
     }
     if (cfg->data[0]) levi_spec_set_source_path(ctx->spec, cfg->data);
+    /* The spec's method hyperparameters: names this trainer knows, values in range. */
+    ctx->feature_dropout = NAN;
+    for (int i = 0; i < levi_spec_num_hyperparameters(ctx->spec); i++) {
+        double v;
+        const char *name = levi_spec_hyperparameter(ctx->spec, i, &v);
+        if (strcmp(name, "feature_dropout") != 0) {
+            levi_errorf(&err, LEVI_ERR_FORMAT,
+                        "%s: hyperparameters.%s: unknown hyperparameter (known: "
+                        "feature_dropout)",
+                        ctx->spec_json_path, name);
+            return fit_fail(cmd, &err);
+        }
+        if (!(v >= 0 && v < 1)) {
+            levi_errorf(&err, LEVI_ERR_FORMAT,
+                        "%s: hyperparameters.feature_dropout: expected a probability in [0, 1), "
+                        "found %g",
+                        ctx->spec_json_path, v);
+            return fit_fail(cmd, &err);
+        }
+        ctx->feature_dropout = (float)v;
+    }
+    if (!isnan(cfg->feature_dropout)) ctx->feature_dropout = cfg->feature_dropout;
     return LEVI_EXIT_OK;
 }
 
