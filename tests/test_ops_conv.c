@@ -8,13 +8,15 @@
  * Forwards are checked against levi_gconv2d_forward_ref (the definition, in double):
  * max |fast - ref| / max |ref| <= 1e-5 (float accumulation over at most 5*5*8 taps).
  * Backwards are checked against central finite differences of the forward with the harness of
- * tests/test_ops.c (same tolerances and reasons: step 1e-2, |analytic - numeric| <= 2e-3
- * |numeric| + 2e-4 max(1, max|numeric|)), plus: a second backward doubles the gradients, and
- * every gradient pointer may be NULL. Inputs of ReLU6 are kept 0.05 away from its kinks.
+ * tests/gradcheck.h, at the tolerances of tests/test_ops.c and for the same reasons (step 1e-2,
+ * |analytic - numeric| <= 2e-3 |numeric| + 2e-4 max(1, max|numeric|)), plus: a second
+ * backward doubles the gradients, and every gradient pointer may be NULL. Inputs of ReLU6 are
+ * kept 0.05 away from its kinks.
  * The last test checks that the depthwise and pooling kernels give bit-identical results with
  * one and two OpenMP threads (threads own channels there).
  * Not for: batch norm and the dense symmetric convolution (tests/test_ops.c), whole models.
  */
+#include "gradcheck.h"
 #include "levi/ops.h"
 #include "testutil.h"
 
@@ -22,127 +24,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define EXPECT_LE(val, tol, what)                                                                  \
-    do {                                                                                           \
-        double v_ = (val), t_ = (tol);                                                             \
-        if (!(v_ <= t_)) {                                                                         \
-            print_error("%s:%d: %s = %.4g exceeds tolerance %.4g\n", __FILE__, __LINE__, what, v_, \
-                        t_);                                                                       \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
-
-static float *alloc_f(int64_t n) {
-    return levi_xcalloc((size_t)(n > 0 ? n : 1), sizeof(float));
-}
-
-static float *rand_normal(levi_rng *r, int64_t n, float scale) {
-    float *x = alloc_f(n);
-    for (int64_t i = 0; i < n; i++) x[i] = scale * levi_rng_normal(r);
-    return x;
-}
-
-static float *copy_f(const float *x, int64_t n) {
-    float *y = alloc_f(n);
-    memcpy(y, x, (size_t)n * sizeof(float));
-    return y;
-}
-
-static double dot_d(const float *a, const float *b, int64_t n) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++) s += (double)a[i] * (double)b[i];
-    return s;
-}
-
-/* Max |a-b| / max |b|: the error relative to the scale of the whole tensor. */
-static double max_norm_err(const float *a, const float *b, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fabs(b[i]) > m ? fabs(b[i]) : m;
-    return levi_test_max_abs_diff(a, b, n) / (m > 0.0 ? m : 1.0);
-}
-
-/* ----------------------------------------------------------------------------------------
- * Finite-difference harness (as in tests/test_ops.c): loss() runs the forward on the current
- * values and returns sum(out * R) in double; backward() runs the op's backward with dout = R
- * into the gradient buffers it is given (entries may be NULL). */
-
-#define GC_MAX 4
-typedef struct gradcase {
-    const char *op;
-    int count;
-    const char *name[GC_MAX];
-    float *x[GC_MAX];
-    int64_t n[GC_MAX];
-    double (*loss)(struct gradcase *);
-    void (*backward)(struct gradcase *, float *const *grads);
-    void *ctx;
-} gradcase;
-
-#define GC_EPS 1e-2f
-#define GC_RTOL 2e-3
-#define GC_ATOL 2e-4
-
-static void run_gradcase(gradcase *gc) {
-    float *g[GC_MAX] = {0}, *g1[GC_MAX] = {0};
-    for (int i = 0; i < gc->count; i++) g[i] = alloc_f(gc->n[i]);
-    gc->loss(gc);
-    gc->backward(gc, g);
-    for (int i = 0; i < gc->count; i++) g1[i] = copy_f(g[i], gc->n[i]);
-
-    for (int t = 0; t < gc->count; t++) {
-        float *x = gc->x[t];
-        int64_t n = gc->n[t];
-        double *num = malloc((size_t)n * sizeof(double));
-        double nmax = 0.0;
-        for (int64_t i = 0; i < n; i++) {
-            float x0 = x[i], xp = x0 + GC_EPS, xm = x0 - GC_EPS;
-            x[i] = xp;
-            double lp = gc->loss(gc);
-            x[i] = xm;
-            double lm = gc->loss(gc);
-            x[i] = x0;
-            num[i] = (lp - lm) / ((double)xp - (double)xm);
-            if (fabs(num[i]) > nmax) nmax = fabs(num[i]);
-        }
-        double worst = 0.0;
-        int64_t wi = 0;
-        for (int64_t i = 0; i < n; i++) {
-            double tol = GC_RTOL * fabs(num[i]) + GC_ATOL * (nmax > 1.0 ? nmax : 1.0);
-            double r = fabs((double)g1[t][i] - num[i]) / tol;
-            if (!(r <= worst)) worst = r, wi = i;
-        }
-        printf("  %s d%s: max |analytic - numeric| / tolerance = %.3f\n", gc->op, gc->name[t],
-               worst);
-        if (!(worst <= 1.0))
-            print_error("%s: d%s[%lld]: analytic %.6g vs numeric %.6g (%.2fx the tolerance)\n",
-                        gc->op, gc->name[t], (long long)wi, g1[t][wi], num[wi], worst);
-        EXPECT_LE(worst, 1.0, "finite-difference error / tolerance");
-        assert_true(nmax > 1e-6); // an identically zero gradient would pass trivially
-        free(num);
-    }
-    gc->loss(gc);
-
-    gc->backward(gc, g); // accumulates: twice the first
-    for (int i = 0; i < gc->count; i++) {
-        for (int64_t j = 0; j < gc->n[i]; j++) g1[i][j] *= 2.0f;
-        EXPECT_LE(max_norm_err(g[i], g1[i], gc->n[i]), 1e-5, "second backward != 2 x first");
-        for (int64_t j = 0; j < gc->n[i]; j++) g1[i][j] *= 0.5f;
-    }
-    float *none[GC_MAX] = {0};
-    gc->backward(gc, none);
-    for (int i = 0; i < gc->count; i++) {
-        float *only[GC_MAX] = {0};
-        memset(g[i], 0, (size_t)gc->n[i] * sizeof(float));
-        only[i] = g[i];
-        gc->backward(gc, only);
-        EXPECT_LE(max_norm_err(g[i], g1[i], gc->n[i]), 1e-6, "gradient alone != with others");
-    }
-    for (int i = 0; i < gc->count; i++) {
-        levi_free(g[i]);
-        levi_free(g1[i]);
-    }
-}
 
 /* ----------------------------------------------------------------------------------------
  * Grouped convolution */
