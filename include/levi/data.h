@@ -154,7 +154,9 @@ levi_status levi_amazon_read(const char *root, levi_table **out, levi_error *err
  *                             "exclude": [...]},
  *                            {"name": "books-2006", "where": <condition>}]},
  *   "split": {"seed": 0, "train": 0.8, "val": 0.1, "test": 0.1},
- *   "expect": {"id_rows": 91142, "ood_rows": 8858, "ood_groups": {"Children's": 2742, ...}}
+ *   "expect": {"id_rows": 91142, "ood_rows": 8858, "ood_groups": {"Children's": 2742, ...}},
+ *   "hyperparameters": {"feature_dropout": 0}  (optional: method settings chosen for this task
+ *                              on its ID validation data; `levi fit` knows feature_dropout)
  * }
  * A condition is one of
  *   {"column": c, "any_of": [...], "multi_sep": "|"}   (some value of the cell is listed)
