@@ -143,6 +143,13 @@ EOF
                     "$tmp/out-$task/results.csv" | tr '\n' ' ')"
         fi
     done
+    # A fine-tuning baseline reads as many tokens as the spec's text_max_tokens (32 here).
+    "$levi" fit "$tmp/rating.json" --methods ft --seeds 1 --epochs 1 --lrs 1e-4 \
+        --model "$model" --out "$tmp/out-rating" >"$tmp/log-ft" 2>&1 ||
+        { tail -5 "$tmp/log-ft"; fail "ft on the rating-from-text spec failed"; }
+    grep -Eq '"max_len":[[:space:]]*32[,}]' "$tmp/out-rating/runs/ft/seed0/config.json" ||
+        fail "ft did not take text_max_tokens 32 as its max_len: $(grep -o '"max_len":[^,]*' \
+            "$tmp/out-rating/runs/ft/seed0/config.json")"
 fi
 
 if [ $failures -ne 0 ]; then

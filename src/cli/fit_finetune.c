@@ -59,6 +59,10 @@ static levi_ft_params ff_params(const ff_state *fs, float lr, int seed) {
     const fit_finetune_options *o = fs->opt;
     levi_ft_params fp = levi_ft_default_params(fs->mode);
     fp.max_len = o->max_len;
+    /* A spec that sets text_max_tokens gets it here too: the baselines then read as much of
+       each text as the cached features of the head methods did. */
+    if (levi_spec_text_max_tokens(fs->ctx->spec) > 0)
+        fp.max_len = levi_spec_text_max_tokens(fs->ctx->spec);
     fp.head_hidden = o->head_hidden;
     fp.lora = o->lora;
     fp.lr = lr;
