@@ -3,50 +3,72 @@
 # same data sizes, same thread count, repetitions interleaved (levi and PyTorch alternate who
 # goes first), medians over rounds, one table and (with --json) the same numbers as JSON.
 #
-# For: bench/bench_{train,encoder,encoder_train,e2e,peak}.c (built beforehand; this script
-# builds nothing) against bench/pytorch/*.py. Cases:
+# For: bench/bench_{train,encoder,encoder_train,e2e,effnet,peak}.c (built beforehand; this
+# script builds nothing) against bench/pytorch/*.py. Cases:
 #   a  LEVI training step on cached features (bench_train: 6 adapters, batch 200, Adam)
 #   b  MiniLM-L6 encoder forward, batch 64 x seq 64, all hidden states (bench_encoder)
 #   c  encoder fine-tuning step, batch 32 x seq 64: mean-pool -> linear -> MSE, backward into
 #      every weight, Adam (bench_encoder_train)
 #   d  end to end: MovieLens feature extraction of N rows + LEVI fit for fixed epochs
 #      (bench_e2e; needs the model folder and MovieLens, else skipped with a message)
+#   e  EfficientNet-Lite0 inference forward with logits, batch 64 at 224x224 (bench_effnet)
+#   f  EfficientNet-Lite0 training step, batch 32 at 64x64: forward with batch statistics,
+#      cross-entropy of the logits, backward into every weight, SGD momentum 0.9 (bench_effnet)
+#   The PyTorch side of e and f is tests/ref/gen_effnet_ref.py's Lite0, imported. Weights: the
+#   checkpoint (LEVI_EFFNET_PTH, else the CMake default under $LEVI_CACHE) on both sides when
+#   found, else synthetic weights both sides compute bit-identically from one hash; inputs
+#   and labels likewise. Same work, checked: both print their first step's outputs (e: the
+#   logits' mean and mean |.|; f: the first loss, its gradient norm and the loss after one
+#   update) and the FLOPs per batch; this script compares them (tolerances at check_effnet)
+#   and fails (exit 1) when they disagree.
 # Peak: each round also runs bench_peak (SGEMM 512^3 through levi_gemm = OpenBLAS, and an FMA
 # loop) at the same thread count; "% peak" is GFLOP/s over the best SGEMM 512^3 of the run.
 # Memory: ru_maxrss of each benchmark process (levi and PyTorch run in separate processes).
 # Not for: correctness (ctest), or building (cmake --build <dir>).
 #
 # Usage: bench/run.sh [--build DIR] [--threads N] [--rounds R] [--quick] [--smoke]
-#                     [--only a,b,c,d] [--json FILE] [--rows N] [--epochs E] [--levi-only]
+#                     [--only a,b,c,d,e,f] [--json FILE] [--rows N] [--epochs E] [--levi-only]
+#                     [--e-shape BxS] [--f-shape BxS]
 #   --build DIR   build folder holding the bench_* executables (default: <repo>/build)
 #   --threads N   threads for both sides (default 1); at >= 2 both run with
 #                 OMP_WAIT_POLICY=PASSIVE
 #   --rounds R    interleaved repetitions (default 3; --quick 1)
 #   --quick       fewer iterations per run and 200 rows in case d (minutes, not tens)
 #   --smoke       tiny shapes for tests: seconds; the figures mean nothing
-#   --only LIST   comma-separated subset of a,b,c,d
+#   --only LIST   comma-separated subset of a,b,c,d,e,f (default: all)
 #   --json FILE   also write the numbers as JSON
 #   --rows N, --epochs E   case d's size (default 2000 rows, 3 epochs)
 #   --levi-only   do not run the PyTorch side
+#   --e-shape BxS, --f-shape BxS   batch B of S x S images for case e / f instead of the mode's
+#                 (e.g. 512x32: the vision task's batch and resolution; small batches at
+#                 32x32 make f's same-work check unreliable: docs/benchmarks.md)
 # Environment: LEVI_BENCH_PYTHON (default /usr/bin/python3: Debian's torch 1.13) runs cases
-#   a-c; LEVI_BENCH_PYTHON_E2E (default: LEVI_BENCH_PYTHON if it imports transformers, else
+#   a-c, e, f; LEVI_BENCH_PYTHON_E2E (default: LEVI_BENCH_PYTHON if it imports transformers, else
 #   $LEVI_CACHE/pyref/bin/python from scripts/setup-reference.sh) runs case d. Inputs of d:
 #   LEVI_MODEL_DIR (all-MiniLM-L6-v2 folder), LEVI_RECBOLE_DIR (ml-100k.inter) or
-#   LEVI_DATA_DIR (holding ml-100k/), with the same cache defaults as CMake.
+#   LEVI_DATA_DIR (holding ml-100k/), with the same cache defaults as CMake. Cases e, f:
+#   LEVI_EFFNET_PTH (efficientnet-lite0-57934424.pth; optional, see above).
 # Exit status: 0 when every selected case ran or was skipped with a reason; 1 when a
-# benchmark failed; 2 for a usage error.
+# benchmark failed or the two sides of e/f did not do the same work; 2 for a usage error.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=$root/build threads=1 rounds= mode=full only=a,b,c,d json= rows= epochs=3 levi_only=0
+build=$root/build threads=1 rounds= mode=full only=a,b,c,d,e,f json= rows= epochs=3 levi_only=0
+e_shape= f_shape=
 
 die_usage() {
     echo "bench/run.sh: $*" >&2
     echo "usage: bench/run.sh [--build DIR] [--threads N] [--rounds R] [--quick] [--smoke]" \
-        "[--only a,b,c,d] [--json FILE] [--rows N] [--epochs E] [--levi-only]" >&2
+        "[--only a,b,c,d,e,f] [--json FILE] [--rows N] [--epochs E] [--levi-only]" \
+        "[--e-shape BxS] [--f-shape BxS]" >&2
     exit 2
 }
 need_int() { [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || die_usage "$1: expected a positive integer, found '${2:-}'"; }
+need_shape() { # BxS: batch >= 2 (training's batch statistics), S >= 32 (the model's minimum)
+    [[ ${2:-} =~ ^([0-9]+)x([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 2 && BASH_REMATCH[1] <= 4096 &&
+        BASH_REMATCH[2] >= 32 && BASH_REMATCH[2] <= 1024)) ||
+        die_usage "$1: expected BATCHxSIZE with batch in [2, 4096] and size in [32, 1024], found '${2:-}'"
+}
 while (($#)); do
     case $1 in
     --build) [[ $# -ge 2 ]] || die_usage "--build needs a folder"; build=$2; shift ;;
@@ -57,8 +79,10 @@ while (($#)); do
     --quick) mode=quick ;;
     --smoke) mode=smoke ;;
     --only)
-        [[ ${2:-} =~ ^[abcd](,[abcd])*$ ]] || die_usage "--only: expected a comma list of a,b,c,d, found '${2:-}'"
+        [[ ${2:-} =~ ^[a-f](,[a-f])*$ ]] || die_usage "--only: expected a comma list of a,b,c,d,e,f, found '${2:-}'"
         only=$2; shift ;;
+    --e-shape) need_shape "$1" "${2:-}"; e_shape=$2; shift ;;
+    --f-shape) need_shape "$1" "${2:-}"; f_shape=$2; shift ;;
     --json) [[ $# -ge 2 ]] || die_usage "--json needs a file name"; json=$2; shift ;;
     --levi-only) levi_only=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -73,18 +97,28 @@ case $mode in
 full)
     rounds=${rounds:-3} rows=${rows:-2000}
     a_args=(--steps 2000 --warmup 50) b_args=(--batch 64 --seq 64 --iters 10 --warmup 2)
-    c_args=(--batch 32 --seq 64 --iters 5 --warmup 1) peak_reps=20 ;;
+    c_args=(--batch 32 --seq 64 --iters 5 --warmup 1) peak_reps=20
+    e_args=(--batch 64 --size 224 --iters 3 --warmup 1) f_args=(--batch 32 --size 64 --iters 10 --warmup 2) ;;
 quick)
     rounds=${rounds:-1} rows=${rows:-200}
     a_args=(--steps 400 --warmup 20) b_args=(--batch 64 --seq 64 --iters 3 --warmup 1)
-    c_args=(--batch 32 --seq 64 --iters 2 --warmup 1) peak_reps=10 ;;
+    c_args=(--batch 32 --seq 64 --iters 2 --warmup 1) peak_reps=10
+    e_args=(--batch 64 --size 224 --iters 2 --warmup 1) f_args=(--batch 32 --size 64 --iters 3 --warmup 1) ;;
 smoke)
     rounds=${rounds:-1} rows=${rows:-16} epochs=1
     a_args=(--steps 10 --warmup 1 --n-examples 1000) b_args=(--batch 2 --seq 8 --iters 1 --warmup 0)
-    c_args=(--batch 2 --seq 8 --iters 1 --warmup 0) peak_reps=2 ;;
+    c_args=(--batch 2 --seq 8 --iters 1 --warmup 0) peak_reps=2
+    # f: at 32x32 the last maps are 1x1 and batch statistics over 4 values make the loss after
+    # one update chaotic (float32 rounding moves it by percents); 64x64 keeps it well-conditioned.
+    e_args=(--batch 2 --size 32 --iters 1 --warmup 0) f_args=(--batch 4 --size 64 --iters 1 --warmup 1) ;;
 esac
+# --e-shape / --f-shape replace the mode's batch and size (the --batch/--size pairs above).
+[[ -n $e_shape ]] && e_args[1]=${e_shape%x*} e_args[3]=${e_shape#*x}
+[[ -n $f_shape ]] && f_args[1]=${f_shape%x*} f_args[3]=${f_shape#*x}
+e_batch=${e_args[1]} e_size=${e_args[3]} f_batch=${f_args[1]} f_size=${f_args[3]}
+e_args=(--mode infer "${e_args[@]}") f_args=(--mode train "${f_args[@]}")
 
-for b in bench_peak bench_train bench_encoder bench_encoder_train bench_e2e; do
+for b in bench_peak bench_train bench_encoder bench_encoder_train bench_e2e bench_effnet; do
     if [[ ! -x $build/$b ]]; then
         echo "bench/run.sh: $build/$b not found: build the benchmarks first" \
             "(cmake --build $build --target $b) or pass --build DIR" >&2
@@ -149,6 +183,15 @@ if [[ $only == *d* && -z $d_skip ]]; then
 fi
 [[ $only == *d* && -n $d_skip ]] && echo "bench/run.sh: case d skipped: $d_skip" >&2
 
+# ---- weights of cases e and f: the checkpoint on both sides when there is one
+effnet_pth=${LEVI_EFFNET_PTH:-$cache_root/models/efficientnet-lite0/efficientnet-lite0-57934424.pth}
+if [[ -f $effnet_pth ]]; then
+    effnet_weights="checkpoint $effnet_pth" pth_args=(--pth "$effnet_pth")
+else
+    [[ -n ${LEVI_EFFNET_PTH:-} ]] && echo "bench/run.sh: LEVI_EFFNET_PTH='$LEVI_EFFNET_PTH' is not a file: cases e, f use synthetic weights" >&2
+    effnet_weights="synthetic (no checkpoint: set LEVI_EFFNET_PTH)" pth_args=()
+fi
+
 # ---- running one benchmark: its last BENCH line goes to $tmp/<case>.<side>.<round>
 field() { # field KEY FILE -> value of KEY=... on the BENCH line
     awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) { print substr($i, length(k) + 2); exit } }' "$2"
@@ -169,6 +212,10 @@ run_one() { # run_one CASE SIDE ROUND
             --cache "$tmp/cache" --rows "$rows" --epochs "$epochs" --threads "$threads") ;;
     d.torch) cmd=("$py_e2e" "$root/bench/pytorch/bench_e2e.py" --rows-file "$tmp/rows.tsv"
         --model "$model_dir" --epochs "$epochs" --threads "$threads") ;;
+    e.levi) cmd=("$build/bench_effnet" --threads "$threads" "${e_args[@]}" ${pth_args[@]+"${pth_args[@]}"}) ;;
+    e.torch) cmd=("$py" "$root/bench/pytorch/bench_effnet.py" --threads "$threads" "${e_args[@]}" ${pth_args[@]+"${pth_args[@]}"}) ;;
+    f.levi) cmd=("$build/bench_effnet" --threads "$threads" "${f_args[@]}" ${pth_args[@]+"${pth_args[@]}"}) ;;
+    f.torch) cmd=("$py" "$root/bench/pytorch/bench_effnet.py" --threads "$threads" "${f_args[@]}" ${pth_args[@]+"${pth_args[@]}"}) ;;
     esac
     if ! "${cmd[@]}" >"$out.log" 2>&1; then
         echo "bench/run.sh: case $c ($side) failed: ${cmd[*]}" >&2
@@ -226,6 +273,48 @@ declare -A name=(
     [c]="MiniLM fine-tune step, 32 x 64 (fwd+bwd+Adam)"
     [d]="End to end: MovieLens $rows rows, extract + LEVI fit $epochs epochs")
 [[ $mode == smoke ]] && name[b]="MiniLM encoder forward (smoke: 2 x 8)" name[c]="MiniLM fine-tune step (smoke: 2 x 8)"
+name[e]="EfficientNet-Lite0 forward + logits, batch $e_batch at ${e_size}x$e_size"
+name[f]="EfficientNet-Lite0 train step, batch $f_batch at ${f_size}x$f_size (fwd+bwd+SGD)"
+
+# ---- same work on both sides of e and f: first-step outputs and FLOP counts must agree.
+# Tolerances, from runs of both sides (synthetic and checkpoint weights, 1 and 2 threads, the
+# full, quick, smoke and 512x32 shapes): e logits agree to <= 1e-6 relative (tolerance 1e-4);
+# f loss0 to <= 1e-6 (1e-4), gnorm0 to <= 2e-4 (1e-3), and the change of the loss over one
+# SGD update to <= 0.15% (2%: a wrong gradient or update changes it far more; lr 0.03 instead
+# of 0.01 on one side moves it by 77%).
+check_effnet() { # check_effnet CASE -> "ok|MISMATCH <what was compared, both values>"
+    local c=$1 l=$tmp/$1.levi.1 t=$tmp/$1.torch.1
+    if [[ $c == e ]]; then
+        awk -v gl="$(field gflop_per_step "$l")" -v gt="$(field gflop_per_step "$t")" \
+            -v ml="$(field logit_mean "$l")" -v mt="$(field logit_mean "$t")" \
+            -v al="$(field logit_absmean "$l")" -v at="$(field logit_absmean "$t")" '
+            function abs(x) { return x < 0 ? -x : x }
+            BEGIN {
+                ra = abs(al - at) / (abs(at) + 1e-30); rm = abs(ml - mt) / (abs(at) + 1e-30)
+                ok = gl == gt && at > 0 && ra <= 1e-4 && rm <= 1e-4
+                printf "%s logits mean|.| levi %s / torch %s (rel diff %.1e <= 1e-4), mean %s / %s (diff %.1e of mean|.| <= 1e-4), GFLOP/batch %s / %s\n",
+                    ok ? "ok" : "MISMATCH", al, at, ra, ml, mt, rm, gl, gt
+            }'
+    else
+        awk -v gl="$(field gflop_per_step "$l")" -v gt="$(field gflop_per_step "$t")" \
+            -v l0="$(field loss0 "$l")" -v t0="$(field loss0 "$t")" \
+            -v ln="$(field gnorm0 "$l")" -v tn="$(field gnorm0 "$t")" \
+            -v l1="$(field loss1 "$l")" -v t1="$(field loss1 "$t")" '
+            function abs(x) { return x < 0 ? -x : x }
+            BEGIN {
+                r0 = abs(l0 - t0) / (abs(t0) + 1e-30); rn = abs(ln - tn) / (abs(tn) + 1e-30)
+                ok = gl == gt && t0 > 0 && r0 <= 1e-4 && rn <= 1e-3
+                d = sprintf("loss0 levi %s / torch %s (rel diff %.1e <= 1e-4), gnorm0 %s / %s (%.1e <= 1e-3)", l0, t0, r0, ln, tn, rn)
+                if (l1 == "nan" || t1 == "nan") d = d ", loss1 not run (needs 2 steps)"
+                else {
+                    dl = l1 - l0; dt = t1 - t0; r1 = abs(dl - dt) / (abs(dt) + 1e-30)
+                    ok = ok && r1 <= 0.02
+                    d = d sprintf(", loss1 - loss0 %.6g / %.6g (%.1e <= 2e-2)", dl, dt, r1)
+                }
+                printf "%s %s, GFLOP/step %s / %s\n", ok ? "ok" : "MISMATCH", d, gl, gt
+            }'
+    fi
+}
 
 cpu=$(awk -F: '/model name/ { sub(/^ +/, "", $2); print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
 blas=$(ldd "$build/bench_train" 2>/dev/null | awk '/openblas/ { print $3; exit }' || true)
@@ -241,7 +330,7 @@ fi
 printf '%-4s %-6s %12s %-8s %9s %7s %9s %8s %9s\n' case side throughput unit GFLOP/s "%peak" "RSS MiB" cpu/wall levi/torch
 pct() { awk -v g="$1" -v p="$2" 'BEGIN { if (g != "" && p > 0) printf "%.0f%%", 100 * g / p; else printf "-" }'; }
 
-json_cases=
+json_cases= checks=() mismatch=()
 for c in "${cases[@]}"; do
     if ! runnable "$c"; then
         printf '%-4s %s\n' "$c" "skipped: $d_skip"
@@ -275,13 +364,29 @@ for c in "${cases[@]}"; do
         printf '%-4s %-6s %s\n' "$c" torch "skipped: $why"
         side_json+=", \"torch\": null, \"torch_skipped\": \"${why//\"/\'}\""
     fi
-    json_cases+="${json_cases:+, }\"$c\": {\"name\": \"${name[$c]}\", $side_json, \"ratio\": ${ratio:-null}}"
+    check_json=
+    if [[ $c == [ef] ]]; then
+        check_json=", \"weights\": \"$(field weights "$tmp/$c.levi.1")\", \"batch\": $(field batch "$tmp/$c.levi.1"), \"size\": $(field size "$tmp/$c.levi.1")"
+        if has_torch_side "$c"; then
+            chk=$(check_effnet "$c")
+            checks+=("$c: $chk")
+            [[ $chk == ok* ]] || mismatch+=("$c")
+            check_json+=", \"same_work\": {\"ok\": $([[ $chk == ok* ]] && echo true || echo false), \"detail\": \"${chk#* }\"}"
+        fi
+    fi
+    json_cases+="${json_cases:+, }\"$c\": {\"name\": \"${name[$c]}\", $side_json, \"ratio\": ${ratio:-null}$check_json}"
 done
 printf '\n'
 for c in "${cases[@]}"; do runnable "$c" && printf '  %s: %s\n' "$c" "${name[$c]}"; done
-printf '  throughput: median over rounds (a: steps/s, b/c: tokens/s, d: rows/s); GFLOP/s from the\n'
-printf '  shapes (formulas in bench/bench_*.c and bench/pytorch/*.py); %%peak = GFLOP/s / SGEMM 512^3;\n'
-printf '  RSS = ru_maxrss of the process (max over rounds); levi/torch = ratio of medians.\n'
+if [[ $only == *[ef]* ]]; then
+    printf '  e/f weights: %s\n' "$effnet_weights"
+    for chk in ${checks[@]+"${checks[@]}"}; do printf '  same work %s\n' "$chk"; done
+fi
+printf '  throughput: median over rounds (a: steps/s, b/c: tokens/s, d: rows/s, e/f: images/s);\n'
+printf '  GFLOP/s from the shapes (formulas in bench/bench_*.c and bench/pytorch/*.py);\n'
+printf '  %%peak = GFLOP/s / SGEMM 512^3;'
+printf ' RSS = ru_maxrss of the process (max over rounds);\n'
+printf '  levi/torch = ratio of medians.\n'
 
 if [[ -n $json ]]; then
     esc() { sed 's/\\/\\\\/g; s/"/\\"/g' <<<"$1"; }
@@ -300,4 +405,8 @@ if [[ -n $json ]]; then
 EOF
     mv "$json.tmp" "$json"
     echo "bench/run.sh: wrote $json" >&2
+fi
+if ((${#mismatch[@]})); then
+    echo "bench/run.sh: levi and PyTorch did not do the same work in case(s) ${mismatch[*]} (see 'same work' above)" >&2
+    exit 1
 fi

@@ -39,7 +39,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 # (kernel, stride, expand ratio, in channels, out channels, repeats) of each block group.
 GROUPS = [
@@ -155,6 +154,8 @@ def scaled_err(a, b):
 
 
 def main():
+    from safetensors.torch import save_file  # only here: importing the model needs no safetensors
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pth", required=True, help="efficientnet-lite0-57934424.pth")
     ap.add_argument("--out", required=True, help="output folder (tests/ref/effnet)")
