@@ -45,6 +45,11 @@ print("results.json: 3 methods, every RMSE finite, ID test and OOD in (0.5, 3)")
 PY
 ls "$out"/runs/lora/seed0/backbone/model.safetensors >/dev/null 2>&1 ||
     fail "no tuned backbone saved under runs/lora/seed0/backbone"
+# A finished run keeps its head (small) and drops the training state.
+for d in "$out"/runs/lora/seed0 "$out"/runs/lp-ft/seed0; do
+    [ -s "$d/head.safetensors" ] || fail "$d: no head.safetensors"
+    [ ! -e "$d/state.safetensors" ] || fail "$d: the training state was kept after the run finished"
+done
 
 cp "$out/results.csv" "$tmp/results1.csv"
 "$levi" fit "${args[@]}" >"$tmp/log2" 2>&1 || fail "rerun exited $?"

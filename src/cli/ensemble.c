@@ -1,6 +1,6 @@
 /* Post-hoc ensembles of `levi fit` (implements ensemble.h): members' predictions come from
  * reloading their saved runs (a4/lp: model.safetensors through levi_model_load; ft/fs: the
- * tuned backbone/ folder plus the head tensors of state.safetensors), one prediction pass over
+ * tuned backbone/ folder plus head.safetensors), one prediction pass over
  * the union of the eval sets' rows, combined per seed and scored as fit_finetune.c scores a
  * run. Weights, temperatures and WiSE-FT's a are chosen on the ID-validation rows only.
  * Not for: training anything, option parsing (fit.c), or the report (report.c). */
@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 /* WiSE-FT's mixing weights: the grid of the original paper's sweeps, a in {0, 0.1, ..., 1}
@@ -146,14 +147,16 @@ static const char *ens_member_key(const ens_member *mb) {
     return cJSON_IsString(k) ? k->valuestring : "";
 }
 
-/* The fine-tuned model of an ft/fs run: its saved encoder folder and the head tensors of its
-   final state (which holds the best weights once "finished"). */
+/* The fine-tuned model of an ft/fs run: its saved encoder folder and its head.safetensors
+   (run folders written before that file existed: the head tensors of state.safetensors, which
+   hold the best weights once the run finished). */
 static levi_status ens_ft_open(const ens_state *es, const ens_member *mb, levi_ft_model **out,
                                levi_error *err) {
     *out = NULL;
     char backbone[FIT_PATH_MAX + 96], state[FIT_PATH_MAX + 96], conf[FIT_PATH_MAX + 96];
     snprintf(backbone, sizeof backbone, "%s/backbone", mb->dir);
-    snprintf(state, sizeof state, "%s/state.safetensors", mb->dir);
+    snprintf(state, sizeof state, "%s/head.safetensors", mb->dir);
+    if (access(state, F_OK) != 0) snprintf(state, sizeof state, "%s/state.safetensors", mb->dir);
     snprintf(conf, sizeof conf, "%s/config.json", mb->dir);
     levi_ft_params fp = levi_ft_default_params(LEVI_FT_FULL);
     fp.max_len = 64;

@@ -7,6 +7,7 @@
 #include "fit_finetune.h"
 
 #include "cli.h"
+#include "levi/safetensors.h"
 #include "report.h"
 
 #include <errno.h>
@@ -197,6 +198,24 @@ static levi_status ff_evaluate_run(ff_state *fs, levi_ft_model *m, cJSON *result
     return LEVI_OK;
 }
 
+/* A finished run keeps its head as <dir>/head.safetensors (the tensors of levi_ft_head, a few
+ * KB) and drops the training state (weights plus Adam moments of the whole encoder, ~360 MB
+ * for MiniLM): the run is not resumed again, and the ensembles read the head from here and
+ * the encoder from backbone/. */
+static levi_status ff_save_head(levi_ft_model *m, const char *dir, const char *state_path,
+                                levi_error *err) {
+    levi_params *hp = levi_ft_head(m);
+    levi_tensor *t = levi_xcalloc((size_t)hp->count, sizeof *t);
+    for (int i = 0; i < hp->count; i++) t[i] = levi_params_tensor(hp, i);
+    char path[FIT_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/head.safetensors", dir);
+    const char *keys[1] = {"format"}, *vals[1] = {"levi-ft-head"};
+    levi_status st = levi_st_write(path, t, hp->count, keys, vals, 1, err);
+    levi_free(t);
+    if (st == LEVI_OK) unlink(state_path);
+    return st;
+}
+
 /* Trains (or finds finished) the run at lr with seed in dir; *result is its run-result JSON
  * (caller frees). Returns an exit code. */
 static int ff_run_one(ff_state *fs, float lr, int seed, const char *dir, const char *label,
@@ -284,6 +303,7 @@ static int ff_run_one(ff_state *fs, float lr, int seed, const char *dir, const c
         st = levi_errorf(&err, LEVI_ERR_INTERRUPTED, "%s stopped before finishing", label);
     if (st == LEVI_OK && !diverged && fs->opt->save_backbone && fs->mode != LEVI_FT_PROBE)
         st = levi_ft_save_backbone(m, backbone, &err);
+    if (st == LEVI_OK && !diverged) st = ff_save_head(m, dir, state_path, &err);
     if (st != LEVI_OK) {
         levi_free(tr);
         levi_ft_free(m);
@@ -358,6 +378,7 @@ static void ff_remove_run_dir(const char *dir) {
     static const char *const files[] = {"result.json",
                                         "config.json",
                                         "state.safetensors",
+                                        "head.safetensors",
                                         "backbone/config.json",
                                         "backbone/model.safetensors",
                                         "backbone/vocab.txt",
