@@ -26,6 +26,7 @@ int levi_cmd_encode(int argc, char **argv);
 int levi_cmd_synthetic(int argc, char **argv); /* synthetic.c */
 int levi_cmd_vision(int argc, char **argv);    /* vision.c */
 int levi_cmd_fit(int argc, char **argv);
+int levi_cmd_experiment(int argc, char **argv); /* fit.c: levi fit, --methods all */
 int levi_cmd_eval(int argc, char **argv);
 int levi_cmd_predict(int argc, char **argv);
 

@@ -3,7 +3,10 @@
  * learning rate on ID validation with the first seed, trains the remaining seeds, evaluates
  * every run on ID test, all OOD and each OOD group, and writes results.json, results.csv and
  * report.md. Every run is checkpointed under <out>/runs/<method>/seed<k>/ and a finished run
- * (its result.json matches the run's key) is skipped, so an interrupted fit resumes.
+ * (its result.json matches the run's key) is skipped, so an interrupted fit resumes. Order:
+ * the cached-feature methods (worker processes, --jobs), the backbone-training baselines
+ * (fit_finetune.c), LEVI on their tuned backbones (levi-ht/-ft/-lora, here), the post-hoc
+ * ensembles (ensemble.c). `levi experiment` is this command with --methods all by default.
  * Not for: the pipeline itself (pipeline.c), report formatting (report.c), re-evaluation
  * (eval.c) or prediction (predict.c). */
 #include "cli.h"
@@ -29,7 +32,28 @@
 #include <sys/prctl.h>
 #endif
 
-static void fit_usage(FILE *f) {
+/* The subcommand being parsed: "fit", or "experiment" (the same command with --methods all
+   by default), for its messages. */
+static const char *fit_cmd = "fit";
+
+static void fit_usage(FILE *f, int experiment) {
+    if (experiment)
+        fprintf(f,
+                "usage: levi experiment <spec.json | built-in target> [options]\n"
+                "\n"
+                "The paper's whole experiment in one command: `levi fit` with --methods all by\n"
+                "default, i.e. every method: the cached-feature methods (levi, a3, a4, a5, lp,\n"
+                "layer, bias), the per-layer study (layers), the backbone-training baselines\n"
+                "(ft, ht, lp-ft, fs, lora), LEVI on their tuned backbones (levi-ht, levi-ft,\n"
+                "levi-lora) and the post-hoc ensembles (ft+lp, ft+fs, wise-ft, a1, a2). Each\n"
+                "method's learning rate is chosen on ID validation (first seed) from its grid.\n"
+                "Every option is `levi fit`'s, below. Finished runs are skipped when the command\n"
+                "is run again and a half-finished one resumes from its saved state, so an\n"
+                "interrupted experiment resumes. Writes results.json, results.csv and report.md.\n"
+                "Backbone training on all of MovieLens takes hours per run on a CPU: use --scale\n"
+                "(and --seeds, --lrs, --epochs) for a smaller experiment.\n"
+                "\n"
+                "`levi fit`'s description follows.\n\n");
     fprintf(f,
             "usage: levi fit <spec.json | built-in target> [options]\n"
             "\n"
@@ -51,17 +75,25 @@ static void fit_usage(FILE *f) {
         "  --model DIR          Hugging Face model folder (default\n"
         "                       $LEVI_CACHE/models/all-MiniLM-L6-v2)\n"
         "  --out DIR            output folder (default runs/<task>/, created)\n"
-        "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias or all, and\n"
-        "                       the backbone-training baselines ft,ht,lp-ft,fs,lora;\n"
+        "  --methods LIST       comma-separated: levi,a3,a4,a5,lp,layer,bias (heads: all\n"
+        "                       of these), and the backbone-training baselines\n"
+        "                       ft,ht,lp-ft,fs,lora;\n"
         "                       layers: the per-layer study (paper Fig. 4), one method\n"
         "                       layer<k> per feature layer k (0: embeddings), each one\n"
         "                       adapter on that layer; layer<k> alone picks one;\n"
+        "                       levi-ht,levi-ft,levi-lora: LEVI (levi's settings and LR\n"
+        "                       grid) on the encoder tuned by ht/ft/lora, seed k on\n"
+        "                       runs/<ht|ft|lora>/seed<k>/backbone (paper Tables 4, 14;\n"
+        "                       adds its base method when not named);\n"
         "                       ft+lp,ft+fs,wise-ft,a1,a2: post-hoc ensembles of the\n"
-        "                       finished runs of their members (docs/ensembles.md)\n"
-        "                       (default levi,a4,bias; levi,a4 for classification)\n"
+        "                       finished runs of their members (docs/ensembles.md);\n"
+        "                       all: every method above (slow: it trains backbones)\n"
+        "                       (default levi,a4,bias; levi,a4 for classification;\n"
+        "                       levi experiment: all)\n"
         "  --scale FRAC         fraction of ID-train rows ft,ht,lp-ft,fs,lora train on\n"
         "                       (default 1; a full MiniLM fine-tuning epoch on MovieLens\n"
-        "                       is about an hour on one core)\n"
+        "                       is about an hour on one core); levi-* heads train on all\n"
+        "                       ID-train rows, as levi does\n"
         "  --seeds N            seeds per method, 0..N-1 (default 3)\n"
         "  --lrs LIST           learning-rate grid (default: each method's grid from the\n"
         "                       paper, 1e-4,1e-3,1e-2,1e-1; linear probing 1e-3..10)\n"
@@ -93,9 +125,11 @@ static void fit_usage(FILE *f) {
 
 /* ---------------------------------------------------------------------------------------
  * Option values. Every message names the option, what was expected and what was found. */
+/* fmt: the message after "levi <cmd>: ", with three %s (option, expected, found). */
 static int usage_error(const char *fmt, const char *opt, const char *expected, const char *found) {
+    fprintf(stderr, "levi %s: ", fit_cmd);
     fprintf(stderr, fmt, opt, expected, found);
-    fputs(" (see levi fit --help)\n", stderr);
+    fprintf(stderr, " (see levi %s --help)\n", fit_cmd);
     return LEVI_EXIT_USAGE;
 }
 
@@ -106,7 +140,7 @@ static int parse_int_opt(const char *opt, const char *s, long lo, long hi, int *
     if (!*s || *end || errno || v < lo || v > hi) {
         char expected[96];
         snprintf(expected, sizeof expected, "an integer in [%ld, %ld]", lo, hi);
-        return usage_error("levi fit: %s: expected %s, found '%s'", opt, expected, s);
+        return usage_error("%s: expected %s, found '%s'", opt, expected, s);
     }
     *out = (int)v;
     return LEVI_EXIT_OK;
@@ -115,7 +149,7 @@ static int parse_int_opt(const char *opt, const char *s, long lo, long hi, int *
 static int parse_lrs(const char *s, fit_config *cfg) {
     char buf[1024];
     if (strlen(s) >= sizeof buf || !*s)
-        return usage_error("levi fit: %s: expected %s, found '%s'", "--lrs",
+        return usage_error("%s: expected %s, found '%s'", "--lrs",
                            "a comma-separated list of positive numbers", s);
     snprintf(buf, sizeof buf, "%s", s);
     cfg->n_lrs = 0;
@@ -125,17 +159,17 @@ static int parse_lrs(const char *s, fit_config *cfg) {
         errno = 0;
         double v = strtod(tok, &end);
         if (end == tok || *end || errno || !(v > 0) || !isfinite(v) || v > 1e6)
-            return usage_error("levi fit: %s: expected %s, found '%s'", "--lrs",
+            return usage_error("%s: expected %s, found '%s'", "--lrs",
                                "positive learning rates such as 1e-4,1e-3", tok);
         if (cfg->n_lrs >= LEVI_MAX_GRID) {
             char expected[64];
             snprintf(expected, sizeof expected, "at most %d learning rates", LEVI_MAX_GRID);
-            return usage_error("levi fit: %s: expected %s, found '%s'", "--lrs", expected, s);
+            return usage_error("%s: expected %s, found '%s'", "--lrs", expected, s);
         }
         cfg->lrs[cfg->n_lrs++] = (float)v;
     }
     if (cfg->n_lrs == 0)
-        return usage_error("levi fit: %s: expected %s, found '%s'", "--lrs",
+        return usage_error("%s: expected %s, found '%s'", "--lrs",
                            "a comma-separated list of positive numbers", s);
     return LEVI_EXIT_OK;
 }
@@ -218,9 +252,9 @@ static int expand_layer_methods(fit_config *cfg, int n_layers) {
             int k = fit_method_layer(cfg->methods[i]);
             if (k >= n_layers) {
                 fprintf(stderr,
-                        "levi fit: --methods: layer%d: expected a feature layer in [0, %d] "
+                        "levi %s: --methods: layer%d: expected a feature layer in [0, %d] "
                         "(the backbone's features have %d layers)\n",
-                        k, n_layers - 1, n_layers);
+                        fit_cmd, k, n_layers - 1, n_layers);
                 return LEVI_EXIT_USAGE;
             }
             ids[c++] = cfg->methods[i];
@@ -230,7 +264,7 @@ static int expand_layer_methods(fit_config *cfg, int n_layers) {
             for (int j = 0; j < n; j++) dup |= out[j] == ids[q];
             if (dup) continue;
             if (n >= FIT_MAX_METHODS) {
-                fprintf(stderr, "levi fit: --methods: expected at most %d methods\n",
+                fprintf(stderr, "levi %s: --methods: expected at most %d methods\n", fit_cmd,
                         FIT_MAX_METHODS);
                 return LEVI_EXIT_USAGE;
             }
@@ -242,40 +276,63 @@ static int expand_layer_methods(fit_config *cfg, int n_layers) {
     return LEVI_EXIT_OK;
 }
 
+/* The ids "all" stands for: every method levi fit knows, in report order (cached-feature
+   methods, the per-layer study, backbone training, tuned LEVI, ensembles). */
+static int all_methods(int ids[FIT_MAX_METHODS]) {
+    int n = 0;
+    for (int m = 0; m < LEVI_METHOD_COUNT; m++) ids[n++] = m;
+    ids[n++] = FIT_LAYERS_ALL;
+    for (int m = 0; m < LEVI_FT_MODE_COUNT; m++)
+        if (m != LEVI_FT_PROBE) ids[n++] = FIT_FT_BASE + m;
+    for (int m = 0; m < LEVI_FT_MODE_COUNT; m++)
+        if (fit_tuned_base(FIT_TUNED_BASE + m) >= 0) ids[n++] = FIT_TUNED_BASE + m;
+    for (int k = 0; k < FIT_ENS_COUNT; k++) ids[n++] = FIT_ENS_BASE + k;
+    return n;
+}
+
 static int parse_methods(const char *s, fit_config *cfg, int *named_bias) {
     char buf[1024];
-    char expected[256] = "a comma-separated list of methods (";
+    char expected[512] = "a comma-separated list of methods (";
     for (int m = 0; m < LEVI_METHOD_COUNT; m++) {
         strcat(expected, levi_method_name((levi_method)m));
         strcat(expected, ", ");
     }
-    strcat(expected, "all, layers, layer<k>, ft, ht, lp-ft, fs or lora)");
+    strcat(expected, "heads, layers, layer<k>, ft, ht, lp-ft, fs, lora, levi-ht, levi-ft, "
+                     "levi-lora, ft+lp, ft+fs, wise-ft, a1, a2 or all)");
     if (strlen(s) >= sizeof buf || !*s)
-        return usage_error("levi fit: %s: expected %s, found '%s'", "--methods", expected, s);
+        return usage_error("%s: expected %s, found '%s'", "--methods", expected, s);
     snprintf(buf, sizeof buf, "%s", s);
     cfg->n_methods = 0;
     char *save = NULL;
     for (char *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        int ids[LEVI_METHOD_COUNT], n = 0;
+        int ids[FIT_MAX_METHODS], n = 0;
         if (strcmp(tok, "all") == 0) {
+            n = all_methods(ids);
+        } else if (strcmp(tok, "heads") == 0) {
             for (int m = 0; m < LEVI_METHOD_COUNT; m++) ids[n++] = m;
         } else {
             int m = fit_layer_method_parse(tok);
             if (m < 0) m = fit_method_parse(tok);
             if (m < 0)
-                return usage_error("levi fit: %s: unknown method '%s'; expected %s", "--methods",
-                                   tok, expected);
+                return usage_error("%s: unknown method '%s'; expected %s", "--methods", tok,
+                                   expected);
             if (m == LEVI_METHOD_BIAS) *named_bias = 1;
             ids[n++] = m;
         }
         for (int i = 0; i < n; i++) {
             int dup = 0;
             for (int j = 0; j < cfg->n_methods; j++) dup |= cfg->methods[j] == ids[i];
-            if (!dup) cfg->methods[cfg->n_methods++] = ids[i];
+            if (dup) continue;
+            if (cfg->n_methods >= FIT_MAX_METHODS) {
+                char e2[64];
+                snprintf(e2, sizeof e2, "at most %d methods", FIT_MAX_METHODS);
+                return usage_error("%s: expected %s, found '%s'", "--methods", e2, s);
+            }
+            cfg->methods[cfg->n_methods++] = ids[i];
         }
     }
     if (cfg->n_methods == 0)
-        return usage_error("levi fit: %s: expected %s, found '%s'", "--methods", expected, s);
+        return usage_error("%s: expected %s, found '%s'", "--methods", expected, s);
     return LEVI_EXIT_OK;
 }
 
@@ -286,7 +343,7 @@ static int parse_subsample(const char *s, fit_config *cfg) {
     double v = strtod(s, &end);
     if (end == s || *end || errno || !isfinite(v) || !(v > 0) || (!integer && v > 1) ||
         (integer && v > 9e15))
-        return usage_error("levi fit: %s: expected %s, found '%s'", "--subsample",
+        return usage_error("%s: expected %s, found '%s'", "--subsample",
                            "a row count (integer >= 1) or a fraction in (0, 1]", s);
     if (integer) {
         cfg->subsample_frac = 1;
@@ -328,12 +385,15 @@ typedef struct fit_args {
     int print_spec, help;
     int named_bias; /* --methods named bias itself (not through 'all') */
     int jobs;       /* 0: one per online CPU */
+    int experiment; /* `levi experiment`: --methods all by default */
 } fit_args;
 
 static int parse_fit_args(int argc, char **argv, fit_args *a) {
     fit_config *cfg = &a->cfg;
     levi_train_params tp = levi_train_default_params();
+    const int experiment = a->experiment;
     memset(a, 0, sizeof *a);
+    a->experiment = experiment;
     cfg->seeds = 3;
     cfg->epochs = tp.max_epochs;
     cfg->patience = tp.patience;
@@ -352,9 +412,9 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         if (arg[0] != '-' || arg[1] == 0) {
             if (target) {
                 fprintf(stderr,
-                        "levi fit: unexpected argument '%s' (the dataset is already '%s'; see "
-                        "levi fit --help)\n",
-                        arg, target);
+                        "levi %s: unexpected argument '%s' (the dataset is already '%s'; see "
+                        "levi %s --help)\n",
+                        fit_cmd, arg, target, fit_cmd);
                 return LEVI_EXIT_USAGE;
             }
             target = arg;
@@ -380,12 +440,13 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         for (size_t k = 0; k < sizeof with_value / sizeof with_value[0]; k++)
             takes_value |= strcmp(name, with_value[k]) == 0;
         if (!is_flag && !takes_value) {
-            fprintf(stderr, "levi fit: unknown option '%s' (see levi fit --help)\n", name);
+            fprintf(stderr, "levi %s: unknown option '%s' (see levi %s --help)\n", fit_cmd, name,
+                    fit_cmd);
             return LEVI_EXIT_USAGE;
         }
         if (is_flag) {
             if (value) {
-                fprintf(stderr, "levi fit: %s takes no value, found '%s'\n", name, value);
+                fprintf(stderr, "levi %s: %s takes no value, found '%s'\n", fit_cmd, name, value);
                 return LEVI_EXIT_USAGE;
             }
             if (strcmp(name, "--no-progress") == 0) setenv("LEVI_PROGRESS", "0", 1);
@@ -394,7 +455,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         }
         if (!value) {
             if (i + 1 >= argc) {
-                fprintf(stderr, "levi fit: %s expects a value (see levi fit --help)\n", name);
+                fprintf(stderr, "levi %s: %s expects a value (see levi %s --help)\n", fit_cmd, name,
+                        fit_cmd);
                 return LEVI_EXIT_USAGE;
             }
             value = argv[++i];
@@ -431,8 +493,8 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
             char *end;
             double v = strtod(value, &end);
             if (end == value || *end || !(v > 0 && v <= 1))
-                rc = usage_error("levi fit: %s: expected %s, found '%s'", "--scale",
-                                 "a fraction in (0, 1]", value);
+                rc = usage_error("%s: expected %s, found '%s'", "--scale", "a fraction in (0, 1]",
+                                 value);
             cfg->ft_scale = v;
         } else if (strcmp(name, "--feature-dropout") == 0) {
             char *end;
@@ -445,20 +507,41 @@ static int parse_fit_args(int argc, char **argv, fit_args *a) {
         if (rc != LEVI_EXIT_OK) return rc;
         if (!*value &&
             (a->data == value || a->model == value || a->out == value || a->cache == value)) {
-            fprintf(stderr, "levi fit: %s: expected a path, found an empty string\n", name);
+            fprintf(stderr, "levi %s: %s: expected a path, found an empty string\n", fit_cmd, name);
             return LEVI_EXIT_USAGE;
         }
     }
     if (!target) {
-        fprintf(stderr, "levi fit: missing the dataset: expected a built-in target such as "
-                        "'movielens' or a spec file (see levi fit --help)\n");
+        fprintf(stderr,
+                "levi %s: missing the dataset: expected a built-in target such as "
+                "'movielens' or a spec file (see levi %s --help)\n",
+                fit_cmd, fit_cmd);
         return LEVI_EXIT_USAGE;
     }
     snprintf(cfg->target, sizeof cfg->target, "%s", target);
-    if (!methods_given) {
+    if (!methods_given && a->experiment) {
+        cfg->n_methods = all_methods(cfg->methods);
+    } else if (!methods_given) {
         static const int defaults[] = {LEVI_METHOD_LEVI, LEVI_METHOD_A4, LEVI_METHOD_BIAS};
         cfg->n_methods = 3;
         memcpy(cfg->methods, defaults, sizeof defaults);
+    }
+    /* LEVI on a tuned backbone reads the backbones its base method saves: naming levi-ft
+       without ft adds ft (its runs are results in their own right, Table 14 puts them side by
+       side). */
+    for (int i = 0, n = cfg->n_methods; i < n; i++) {
+        const int base = fit_tuned_base(cfg->methods[i]);
+        int have = base < 0;
+        for (int j = 0; j < cfg->n_methods; j++) have |= cfg->methods[j] == base;
+        if (have) continue;
+        if (cfg->n_methods >= FIT_MAX_METHODS) {
+            fprintf(stderr, "levi %s: --methods: expected at most %d methods\n", fit_cmd,
+                    FIT_MAX_METHODS);
+            return LEVI_EXIT_USAGE;
+        }
+        cfg->methods[cfg->n_methods++] = base;
+        printf("methods: %s added (%s trains on the backbones its runs save)\n",
+               fit_method_name(base), fit_method_name(cfg->methods[i]));
     }
     return LEVI_EXIT_OK;
 }
@@ -477,20 +560,20 @@ static int resolve_paths(fit_args *a) {
     if (!builtin) {
         if (!is_file(cfg->target)) {
             fprintf(stderr,
-                    "levi fit: %s: cannot open the spec file: %s (expected a built-in "
+                    "levi %s: %s: cannot open the spec file: %s (expected a built-in "
                     "target listed by levi fit --help, or a spec JSON file)\n",
-                    cfg->target, is_dir(cfg->target) ? "is a directory" : strerror(errno));
+                    fit_cmd, cfg->target, is_dir(cfg->target) ? "is a directory" : strerror(errno));
             return LEVI_EXIT_INPUT;
         }
         if (!realpath(cfg->target, cfg->spec_path)) {
-            fprintf(stderr, "levi fit: %s: %s\n", cfg->target, strerror(errno));
+            fprintf(stderr, "levi %s: %s: %s\n", fit_cmd, cfg->target, strerror(errno));
             return LEVI_EXIT_INPUT;
         }
     }
     if (a->data) {
         if (access(a->data, R_OK) != 0) {
-            fprintf(stderr, "levi fit: --data %s: %s (expected a readable data folder or file)\n",
-                    a->data, strerror(errno));
+            fprintf(stderr, "levi %s: --data %s: %s (expected a readable data folder or file)\n",
+                    fit_cmd, a->data, strerror(errno));
             return LEVI_EXIT_INPUT;
         }
         if (!realpath(a->data, cfg->data)) snprintf(cfg->data, sizeof cfg->data, "%s", a->data);
@@ -513,9 +596,9 @@ static int resolve_paths(fit_args *a) {
         fit_path(probe, sizeof probe, "%s/model.safetensors", m);
         if (!is_file(probe)) {
             fprintf(stderr,
-                    "levi fit: %s: no model.safetensors in the model folder (expected a Hugging "
+                    "levi %s: %s: no model.safetensors in the model folder (expected a Hugging "
                     "Face folder of all-MiniLM-L6-v2; run scripts/setup.sh or pass --model DIR)\n",
-                    m);
+                    fit_cmd, m);
             return LEVI_EXIT_INPUT;
         }
         if (!realpath(m, cfg->model)) snprintf(cfg->model, sizeof cfg->model, "%s", m);
@@ -582,6 +665,9 @@ typedef struct fit_state {
     fit_config *cfg;
     fit_context *ctx;
     int progress_fd; /* -1, or in a worker process the pipe for run_msg records */
+    /* Tuned LEVI (levi-ht, ...): the encoder folder ctx's features come from and the key of
+       the run that tuned it, recorded in the run's config and result; NULL otherwise. */
+    const char *backbone, *backbone_run_key;
 } fit_state;
 
 static void run_key(fit_state *fs, const levi_model *m, float lr, int seed, char key[65]) {
@@ -608,8 +694,10 @@ static const char *result_key(const cJSON *r) {
 
 static levi_head_params head_params_for(fit_state *fs, int method) {
     int layer = fit_method_layer(method);
-    levi_head_params hp =
-        levi_head_default_params(layer >= 0 ? LEVI_METHOD_LAYER : (levi_method)method);
+    levi_method base = layer >= 0                    ? LEVI_METHOD_LAYER
+                       : fit_tuned_base(method) >= 0 ? LEVI_METHOD_LEVI /* levi's settings */
+                                                     : (levi_method)method;
+    levi_head_params hp = levi_head_default_params(base);
     if (layer >= 0) hp.layer_list[0] = layer;
     /* The task's feature dropout replaces the default of the methods that have one. */
     if (hp.feature_dropout > 0.0f && !isnan(fs->ctx->feature_dropout))
@@ -698,6 +786,15 @@ void fit_add_run_cost(cJSON *result, const fit_config *cfg, const fit_context *c
     cJSON_AddNumberToObject(c, "peak_rss_kib", rss);
 }
 
+/* "backbone": {"dir", "run_key", "features_key"} of a tuned-LEVI run (fit_state.backbone). */
+static void add_backbone_record(const fit_state *fs, cJSON *o) {
+    if (!fs->backbone) return;
+    cJSON *b = cJSON_AddObjectToObject(o, "backbone");
+    cJSON_AddStringToObject(b, "dir", fs->backbone);
+    cJSON_AddStringToObject(b, "run_key", fs->backbone_run_key ? fs->backbone_run_key : "");
+    cJSON_AddStringToObject(b, "features_key", fs->ctx->has_features ? fs->ctx->feat_info.key : "");
+}
+
 /* Trains (or finds finished) the run of `method` at lr with seed in dir. On success *result
  * is the run-result JSON (caller frees). Returns an exit code. */
 static int run_one(fit_state *fs, int method, float lr, int seed, const char *dir,
@@ -753,6 +850,7 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     cJSON_AddStringToObject(conf, "features_key", ctx->has_features ? ctx->feat_info.key : "");
     cJSON *mc = cJSON_Parse(levi_model_config_json(m));
     cJSON_AddItemToObject(conf, "model", mc ? mc : cJSON_CreateNull());
+    add_backbone_record(fs, conf);
     st = fit_write_json(config_path, conf, &err);
     cJSON_Delete(conf);
     if (st != LEVI_OK) {
@@ -811,6 +909,7 @@ static int run_one(fit_state *fs, int method, float lr, int seed, const char *di
     cJSON_AddNumberToObject(r, "lr", fit_float_json(lr));
     cJSON_AddStringToObject(r, "metric", ctx->lower_is_better ? "rmse" : "accuracy");
     cJSON_AddStringToObject(r, "key", key);
+    add_backbone_record(fs, r);
     cJSON *t = cJSON_AddObjectToObject(r, "train");
     cJSON_AddNumberToObject(t, "epochs_run", tr->epochs_run);
     cJSON_AddNumberToObject(t, "best_epoch", tr->best_epoch);
@@ -986,6 +1085,109 @@ static int fit_method(fit_state *fs, int method, cJSON *methods) {
         snprintf(label, sizeof label, "%s seed %d", name, seed);
         rc = run_one(fs, method, grid[best], seed, dir, label, &results[seed]);
         if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+    }
+    if (rc == LEVI_EXIT_OK)
+        add_method_entry(method, grid, n_lr, best, lr_val, cfg->seeds, results, methods);
+    for (int seed = 0; seed < cfg->seeds; seed++) cJSON_Delete(results[seed]);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * LEVI on a tuned backbone (levi-ht, levi-ft, levi-lora; paper Tables 4 and 14). Seed k's
+ * features come from the encoder the base method's seed k saved (runs/<base>/seed<k>/
+ * backbone), extracted into the feature cache under that folder's own key; the LEVI head is
+ * trained on them exactly as frozen LEVI's (run_one, levi's defaults). The learning rate is
+ * chosen like every method's: the LEVI grid with seed 0 (on seed 0's backbone), on ID
+ * validation. Runs in this process with --threads threads, after the base method. */
+
+/* The result of a seed whose base run diverged (it saved no backbone): NaN metrics, like a
+   diverged run of any method. */
+static cJSON *tuned_diverged_result(const fit_context *ctx, const char *name, int seed, float lr,
+                                    const char *base_dir, const char *base_key) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "format", "levi-run-result");
+    cJSON_AddNumberToObject(r, "version", 1);
+    cJSON_AddStringToObject(r, "method", name);
+    cJSON_AddNumberToObject(r, "seed", seed);
+    cJSON_AddNumberToObject(r, "lr", fit_float_json(lr));
+    cJSON_AddStringToObject(r, "metric", ctx->lower_is_better ? "rmse" : "accuracy");
+    char key[65], buf[256];
+    snprintf(buf, sizeof buf, "levi-tuned-diverged-v1\n%s\n%s\n%d\n", name, base_key, seed);
+    levi_sha256_hex(buf, strlen(buf), key);
+    cJSON_AddStringToObject(r, "key", key);
+    cJSON *b = cJSON_AddObjectToObject(r, "backbone");
+    cJSON_AddStringToObject(b, "dir", base_dir);
+    cJSON_AddStringToObject(b, "run_key", base_key);
+    cJSON_AddStringToObject(b, "features_key", "");
+    cJSON *t = cJSON_AddObjectToObject(r, "train");
+    cJSON_AddBoolToObject(t, "diverged", 1);
+    cJSON_AddBoolToObject(t, "backbone_diverged", 1);
+    fit_result_nan_sets(ctx, r);
+    return fit_json_roundtrip(r);
+}
+
+static int fit_tuned_method(fit_state *fs, int method, cJSON *methods) {
+    const fit_config *cfg = fs->cfg;
+    const int base = fit_tuned_base(method);
+    const char *name = method_name(method), *base_name = fit_method_name(base);
+    float grid[LEVI_MAX_GRID];
+    const int n_lr = lr_grid(cfg, method, grid);
+    double lr_val[LEVI_MAX_GRID];
+    int best = 0, rc = LEVI_EXIT_OK;
+    cJSON *results[FIT_MAX_SEEDS] = {0};
+    printf("\n== %s: %s ==\n", name, levi_report_method_label(name));
+    for (int i = 0; i < n_lr; i++) lr_val[i] = NAN;
+    for (int seed = 0; seed < cfg->seeds && rc == LEVI_EXIT_OK; seed++) {
+        char base_dir[FIT_PATH_MAX], path[FIT_PATH_MAX + 32], dir[FIT_PATH_MAX], label[128];
+        fit_run_dir(cfg, base, seed, base_dir, sizeof base_dir);
+        snprintf(path, sizeof path, "%s/result.json", base_dir);
+        levi_error err = {0};
+        cJSON *br = fit_read_json(path, &err);
+        if (!br) {
+            fprintf(stderr, "levi fit: %s seed %d: %s (the %s run must finish first)\n", name, seed,
+                    err.msg, base_name);
+            rc = LEVI_EXIT_FAILURE;
+            break;
+        }
+        char base_key[65];
+        snprintf(base_key, sizeof base_key, "%s", result_key(br));
+        const cJSON *bt = cJSON_GetObjectItemCaseSensitive(br, "train");
+        const int diverged = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(bt, "diverged"));
+        cJSON_Delete(br);
+        if (diverged) {
+            printf("%s seed %d: %s seed %d diverged and saved no backbone; counted as "
+                   "diverged\n",
+                   name, seed, base_name, seed);
+            results[seed] =
+                tuned_diverged_result(fs->ctx, name, seed, grid[best], base_dir, base_key);
+            continue;
+        }
+        char backbone[FIT_PATH_MAX + 16], what[160];
+        fit_path(backbone, sizeof backbone, "%s/backbone", base_dir);
+        snprintf(what, sizeof what, "features (%s seed %d backbone)", base_name, seed);
+        fit_context view;
+        rc = fit_context_backbone_view(cfg, fs->ctx, backbone, "fit", what, &view);
+        if (rc != LEVI_EXIT_OK) break;
+        fit_state tfs = {fs->cfg, &view, -1, backbone, base_key};
+        if (seed == 0 && n_lr > 1) {
+            for (int i = 0; i < n_lr && rc == LEVI_EXIT_OK; i++) {
+                grid_run_dir(cfg, method, grid[i], dir, sizeof dir);
+                snprintf(label, sizeof label, "%s lr %g seed 0", name, (double)grid[i]);
+                cJSON *r = NULL;
+                rc = run_one(&tfs, method, grid[i], 0, dir, label, &r);
+                lr_val[i] = set_value(r, "id_val");
+                cJSON_Delete(r);
+                if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+            }
+            if (rc == LEVI_EXIT_OK) rc = choose_lr(&tfs, method, grid, n_lr, lr_val, &best);
+        }
+        if (rc == LEVI_EXIT_OK) {
+            run_dir(cfg, method, seed, dir, sizeof dir);
+            snprintf(label, sizeof label, "%s seed %d", name, seed);
+            rc = run_one(&tfs, method, grid[best], seed, dir, label, &results[seed]);
+            if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+        }
+        fit_context_view_close(&view);
     }
     if (rc == LEVI_EXIT_OK)
         add_method_entry(method, grid, n_lr, best, lr_val, cfg->seeds, results, methods);
@@ -1495,13 +1697,16 @@ static int fit_parallel(fit_sched *s, int to_train, cJSON *methods) {
     return rc;
 }
 
-int levi_cmd_fit(int argc, char **argv) {
+/* levi fit and levi experiment (experiment: --methods all by default). */
+static int fit_main(int argc, char **argv, int experiment) {
     double t_start = levi_now();
+    fit_cmd = experiment ? "experiment" : "fit";
     fit_args a;
+    a.experiment = experiment;
     int rc = parse_fit_args(argc, argv, &a);
     if (rc != LEVI_EXIT_OK) return rc;
     if (a.help) {
-        fit_usage(stdout);
+        fit_usage(stdout, experiment);
         return LEVI_EXIT_OK;
     }
     fit_config *cfg = &a.cfg;
@@ -1581,7 +1786,7 @@ int levi_cmd_fit(int argc, char **argv) {
     }
     printf("output: %s\n", cfg->out);
 
-    fit_state fs = {cfg, &ctx, -1};
+    fit_state fs = {cfg, &ctx, -1, NULL, NULL};
     cJSON *results = fit_results_header(cfg, &ctx, "fit");
     name_methods(cJSON_GetObjectItemCaseSensitive(results, "config"), cfg);
     cJSON *methods = cJSON_AddArrayToObject(results, "methods");
@@ -1591,18 +1796,23 @@ int levi_cmd_fit(int argc, char **argv) {
     /* Backbone-training methods (ids >= FIT_FT_BASE) train after the head methods, in this
        process with --threads threads: each holds an encoder and its activations, and one
        such run already keeps the cores busy. */
+    /* LEVI on tuned backbones (ids FIT_TUNED_BASE + mode) after the backbone-training methods
+       whose saved encoders they read, in this process too; the ensembles last. */
     int n_all = cfg->n_methods, n_head = 0, ft_methods[FIT_MAX_METHODS], n_ft = 0;
-    int ens_methods[FIT_MAX_METHODS], n_ens = 0;
+    int ens_methods[FIT_MAX_METHODS], n_ens = 0, tuned_methods[FIT_MAX_METHODS], n_tuned = 0;
     for (int i = 0; i < n_all; i++) {
         if (fit_is_ensemble(cfg->methods[i]))
             ens_methods[n_ens++] = cfg->methods[i];
+        else if (fit_tuned_base(cfg->methods[i]) >= 0)
+            tuned_methods[n_tuned++] = cfg->methods[i];
         else if (cfg->methods[i] >= FIT_FT_BASE)
             ft_methods[n_ft++] = cfg->methods[i];
         else
             cfg->methods[n_head++] = cfg->methods[i];
     }
     for (int i = 0; i < n_ft; i++) cfg->methods[n_head + i] = ft_methods[i];
-    for (int i = 0; i < n_ens; i++) cfg->methods[n_head + n_ft + i] = ens_methods[i];
+    for (int i = 0; i < n_tuned; i++) cfg->methods[n_head + n_ft + i] = tuned_methods[i];
+    for (int i = 0; i < n_ens; i++) cfg->methods[n_head + n_ft + n_tuned + i] = ens_methods[i];
     cfg->n_methods = n_head;
     long jobs = a.jobs;
     if (jobs == 0) jobs = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1629,6 +1839,8 @@ int levi_cmd_fit(int argc, char **argv) {
         for (int i = 0; i < n_ft && rc == LEVI_EXIT_OK; i++)
             rc = fit_finetune_method(fit_method_name(ft_methods[i]), cfg, &ctx, &ft_opts, methods);
     }
+    for (int i = 0; i < n_tuned && rc == LEVI_EXIT_OK && !levi_cli_interrupted; i++)
+        rc = fit_tuned_method(&fs, tuned_methods[i], methods);
     if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
     /* Post-hoc ensembles of the finished runs (src/cli/ensemble.c): after every method above
        has its entry in `methods`, before the report is written. */
@@ -1662,4 +1874,12 @@ int levi_cmd_fit(int argc, char **argv) {
     cJSON_Delete(results);
     fit_context_close(&ctx);
     return LEVI_EXIT_OK;
+}
+
+int levi_cmd_fit(int argc, char **argv) {
+    return fit_main(argc, argv, 0);
+}
+
+int levi_cmd_experiment(int argc, char **argv) {
+    return fit_main(argc, argv, 1);
 }

@@ -27,8 +27,15 @@
 #define FIT_LAYER_BASE 32
 #define FIT_LAYER_MAX 32
 #define FIT_LAYERS_ALL (FIT_LAYER_BASE + FIT_LAYER_MAX)
-/* + 5: the post-hoc ensembles, ids FIT_ENS_BASE + k (ensemble.h). */
-#define FIT_MAX_METHODS (LEVI_METHOD_COUNT + 6 + FIT_LAYER_MAX + 5)
+/* LEVI on a tuned backbone (paper Tables 4 and 14): FIT_TUNED_BASE + levi_ft_mode for
+   "levi-ht", "levi-ft", "levi-lora". Seed k trains the LEVI head (levi's defaults and LR grid)
+   on features extracted from the tuned encoder that the base method's seed k saved in
+   runs/<ht|ft|lora>/seed<k>/backbone, so the base method runs first (naming levi-ft adds
+   ft). The ids lie above the ensembles; `>= FIT_FT_BASE` treats them as needing --model and
+   not the frozen features. */
+#define FIT_TUNED_BASE 300
+/* + 5: the post-hoc ensembles, ids FIT_ENS_BASE + k (ensemble.h); + 3: tuned LEVI. */
+#define FIT_MAX_METHODS (LEVI_METHOD_COUNT + 6 + FIT_LAYER_MAX + 5 + 3)
 #define FIT_MAX_SEEDS 32
 
 /* Everything that defines a fit; saved as <out>/fit.json so eval and predict can rebuild it. */
@@ -114,6 +121,21 @@ int fit_layer_method_parse(const char *name);
 void fit_add_run_cost(cJSON *result, const fit_config *cfg, const fit_context *ctx,
                       double trainable_params, double head_params, double head_flops,
                       int backbone_layers, double train_seconds, int epochs_run);
+
+/* The base (backbone-training) method id of a tuned-LEVI id (FIT_FT_BASE + LEVI_FT_HALF for
+ * levi-ht, ...), else -1. */
+int fit_tuned_base(int method);
+
+/* A view of ctx whose backbone features come from the encoder folder model_dir (a tuned
+ * backbone) instead of cfg->model: extracts them for every row of ctx's dataset (so
+ * --subsample holds) with the spec's max tokens, or reuses the feature cache (keyed by the
+ * folder's file hashes, so each tuned backbone has its own entry), drawing a progress bar
+ * labelled `label`. *view shares everything else with ctx, which must outlive it; release it
+ * with fit_context_view_close (never fit_context_close). Returns an exit code; on failure the
+ * message is printed and *view is empty. */
+int fit_context_backbone_view(const fit_config *cfg, const fit_context *ctx, const char *model_dir,
+                              const char *cmd, const char *label, fit_context *view);
+void fit_context_view_close(fit_context *view);
 
 /* 1 when the method trains on backbone features. */
 int fit_method_needs_features(int method);

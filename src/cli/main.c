@@ -51,6 +51,10 @@ static void print_usage(FILE *f) {
             "Commands:\n"
             "  fit <spec.json|movielens>  train LEVI and baselines, write results.json/.csv and\n"
             "                             report.md (`levi fit movielens` runs the main task)\n"
+            "  experiment <spec.json|movielens>\n"
+            "                             the whole experiment: `levi fit` with --methods all\n"
+            "                             (every baseline, backbone training, LEVI on tuned\n"
+            "                             backbones, ensembles, per-layer study); resumable\n"
             "  eval <out-dir>             reload the checkpoints of a fit and recompute the\n"
             "                             metrics and reports without training\n"
             "  predict <out-dir>          predict ratings for new rows with a fitted method\n"
@@ -85,8 +89,10 @@ typedef struct {
 } command;
 
 static const command commands[] = {
-    {"fit", levi_cmd_fit},       {"eval", levi_cmd_eval},           {"predict", levi_cmd_predict},
-    {"encode", levi_cmd_encode}, {"synthetic", levi_cmd_synthetic}, {"vision", levi_cmd_vision},
+    {"fit", levi_cmd_fit},       {"experiment", levi_cmd_experiment},
+    {"eval", levi_cmd_eval},     {"predict", levi_cmd_predict},
+    {"encode", levi_cmd_encode}, {"synthetic", levi_cmd_synthetic},
+    {"vision", levi_cmd_vision},
 };
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
 

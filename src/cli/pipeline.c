@@ -74,7 +74,14 @@ void fit_default_cache(char *out, size_t cap) {
     snprintf(out, cap, "%s/.cache/levi", h && *h ? h : ".");
 }
 
+int fit_tuned_base(int method) {
+    const int mode = method - FIT_TUNED_BASE;
+    return mode == LEVI_FT_HALF || mode == LEVI_FT_FULL || mode == LEVI_FT_LORA ? FIT_FT_BASE + mode
+                                                                                : -1;
+}
+
 int fit_method_needs_features(int method) {
+    /* Backbone-training methods read texts; tuned LEVI extracts its own features. */
     if (method >= FIT_FT_BASE) return 0;
     if (fit_method_layer(method) >= 0 || method == FIT_LAYERS_ALL) return 1;
     levi_head_params hp = levi_head_default_params((levi_method)method);
@@ -83,6 +90,16 @@ int fit_method_needs_features(int method) {
 
 const char *fit_method_name(int method) {
     if (fit_is_ensemble(method)) return fit_ensemble_name(method);
+    switch (fit_tuned_base(method) - FIT_FT_BASE) {
+    case LEVI_FT_HALF:
+        return "levi-ht";
+    case LEVI_FT_FULL:
+        return "levi-ft";
+    case LEVI_FT_LORA:
+        return "levi-lora";
+    default:
+        break;
+    }
     const char *layer = fit_layer_method_name(method);
     if (layer) return layer;
     return method >= FIT_FT_BASE ? levi_ft_mode_name((levi_ft_mode)(method - FIT_FT_BASE))
@@ -96,6 +113,10 @@ int fit_method_parse(const char *name) {
     if (m >= 0) return m;
     m = levi_ft_mode_parse(name);
     if (m >= 0 && m != LEVI_FT_PROBE) return FIT_FT_BASE + m;
+    if (strncmp(name, "levi-", 5) == 0) {
+        m = levi_ft_mode_parse(name + 5);
+        if (m >= 0 && fit_tuned_base(FIT_TUNED_BASE + m) >= 0) return FIT_TUNED_BASE + m;
+    }
     return fit_ensemble_parse(name); /* ft+lp, ft+fs, wise-ft, a1, a2 (ensemble.h) */
 }
 
@@ -115,6 +136,7 @@ void fit_search_dir(const fit_config *cfg, int method, float lr, char *out, size
 
 int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]) {
     if (fit_method_layer(method) >= 0) method = LEVI_METHOD_LAYER;
+    if (fit_tuned_base(method) >= 0) method = LEVI_METHOD_LEVI; /* the frozen LEVI's grid */
     /* The bias model has no learning rate (its lambda is chosen on ID val inside training). */
     if (method == LEVI_METHOD_BIAS || cfg->n_lrs == 0)
         return levi_default_lr_grid((levi_method)method, out);
@@ -298,20 +320,40 @@ static void feature_progress(void *user, int64_t done, int64_t total, double tok
     levi_progress_update(bar, done, extra);
 }
 
-levi_status fit_extract_features(const fit_config *cfg, int max_len, const char *const *texts,
-                                 int64_t n, levi_featcache_info *info, levi_features *out,
-                                 levi_error *err) {
+/* fit_extract_features with the encoder folder model_dir and a progress-bar label. */
+static levi_status extract_features(const fit_config *cfg, const char *model_dir, int max_len,
+                                    const char *const *texts, int64_t n, const char *label,
+                                    levi_featcache_info *info, levi_features *out,
+                                    levi_error *err) {
     levi_featcache_params fp = levi_featcache_default_params();
     if (max_len > 0) fp.max_len = max_len;
     fp.threads = cfg->threads;
     fp.stop = &levi_cli_interrupted;
-    levi_progress *bar = levi_progress_start("features", n, "texts");
+    levi_progress *bar = levi_progress_start(label, n, "texts");
     fp.progress = feature_progress;
     fp.progress_user = bar;
-    levi_status st = levi_featcache_build(cfg->features, cfg->model, texts, n, &fp, info, err);
+    levi_status st = levi_featcache_build(cfg->features, model_dir, texts, n, &fp, info, err);
     levi_progress_finish(bar);
     if (st == LEVI_OK) st = levi_featcache_load(info->dir, NULL, 0, out, err);
     return st;
+}
+
+levi_status fit_extract_features(const fit_config *cfg, int max_len, const char *const *texts,
+                                 int64_t n, levi_featcache_info *info, levi_features *out,
+                                 levi_error *err) {
+    return extract_features(cfg, cfg->model, max_len, texts, n, "features", info, out, err);
+}
+
+/* The line saying whether features were extracted or found in the cache. */
+static void print_feature_source(const char *what, const levi_featcache_info *fi) {
+    if (fi->chunks_computed == 0)
+        printf("%s: reused cache %s (%lld texts, %d layers x %d)\n", what, fi->dir,
+               (long long)fi->n, fi->n_layers, fi->dim);
+    else
+        printf("%s: extracted %d chunk%s (%d reused) into %s in %.1f s; %lld texts "
+               "truncated to the max length\n",
+               what, fi->chunks_computed, fi->chunks_computed == 1 ? "" : "s", fi->chunks_reused,
+               fi->dir, fi->seconds, (long long)fi->truncated);
 }
 
 static int need_features(const fit_config *cfg) {
@@ -396,15 +438,7 @@ static int build_features(const fit_config *cfg, const char *cmd, fit_context *c
         levi_error_prefix(&err, "backbone features (model %s): ", cfg->model);
         return fit_fail(cmd, &err);
     }
-    if (ctx->feat_info.chunks_computed == 0)
-        printf("features: reused cache %s (%lld texts, %d layers x %d)\n", ctx->feat_info.dir,
-               (long long)ctx->feat_info.n, ctx->feat_info.n_layers, ctx->feat_info.dim);
-    else
-        printf("features: extracted %d chunk%s (%d reused) into %s in %.1f s; %lld texts "
-               "truncated to the max length\n",
-               ctx->feat_info.chunks_computed, ctx->feat_info.chunks_computed == 1 ? "" : "s",
-               ctx->feat_info.chunks_reused, ctx->feat_info.dir, ctx->feat_info.seconds,
-               (long long)ctx->feat_info.truncated);
+    print_feature_source("features", &ctx->feat_info);
     ctx->has_features = 1;
     ctx->feature_seconds = levi_now() - t0;
     return LEVI_EXIT_OK;
@@ -558,6 +592,54 @@ int fit_context_open(const fit_config *cfg, const char *cmd, int flags, fit_cont
 fail:
     fit_context_close(ctx);
     return rc;
+}
+
+int fit_context_backbone_view(const fit_config *cfg, const fit_context *ctx, const char *model_dir,
+                              const char *cmd, const char *label, fit_context *view) {
+    memset(view, 0, sizeof *view);
+    levi_error err = {0};
+    if (!levi_dataset_has_text(ctx->ds)) {
+        levi_errorf(&err, LEVI_ERR_ARG,
+                    "%s: the spec has no \"text\" template, but LEVI on a tuned backbone needs "
+                    "backbone features",
+                    ctx->spec_json_path);
+        return fit_fail(cmd, &err);
+    }
+    const int64_t n = ctx->n;
+    const char **texts = malloc((size_t)(n > 0 ? n : 1) * sizeof *texts);
+    if (!texts) {
+        levi_errorf(&err, LEVI_ERR_NOMEM, "out of memory for %lld texts", (long long)n);
+        return fit_fail(cmd, &err);
+    }
+    for (int64_t i = 0; i < n; i++) texts[i] = levi_dataset_text(ctx->ds, i);
+    levi_featcache_info info;
+    levi_features feats;
+    memset(&feats, 0, sizeof feats);
+    double t0 = levi_now();
+    levi_status st = extract_features(cfg, model_dir, levi_spec_text_max_tokens(ctx->spec), texts,
+                                      n, label, &info, &feats, &err);
+    free(texts);
+    if (st != LEVI_OK) {
+        levi_error_prefix(&err, "features of the tuned backbone %s: ", model_dir);
+        return fit_fail(cmd, &err);
+    }
+    print_feature_source(label, &info);
+    /* Everything but the features is ctx's: the rows, labels, splits and eval sets are the
+       same, so the runs differ from frozen LEVI's by the backbone alone. */
+    *view = *ctx;
+    view->feats = feats;
+    view->feat_info = info;
+    view->has_features = 1;
+    view->feature_seconds = levi_now() - t0;
+    view->td.n_layers = feats.n_layers;
+    view->td.feat_dim = feats.dim;
+    view->td.feats = feats.data;
+    return LEVI_EXIT_OK;
+}
+
+void fit_context_view_close(fit_context *view) {
+    levi_features_free(&view->feats);
+    memset(view, 0, sizeof *view);
 }
 
 void fit_context_close(fit_context *ctx) {
