@@ -2,9 +2,12 @@
  * 2-D convolution with explicit four-sided padding in both layouts, TensorFlow 'SAME' padding,
  * ReLU6 and global average pooling.
  *
- * The depthwise cases cover the generic loops (non-square kernel) and the four unrolled
- * forward and backward kernels (3x3 and 5x5, stride 1 and 2), with output rows narrower and
- * wider than the backward's switch-over (16).
+ * The depthwise cases cover every path of src/core/ops_conv.c: the generic loops (non-square
+ * kernel, planes too big for the stack buffers), the in-place wide-row forward (rows of at least
+ * 16 outputs: 16-37 wide, odd widths, more than one vector and a remainder), the flattened
+ * padded-plane kernels (narrow rows, fewer than 8 images; every backward), and the image-lane
+ * kernels (narrow rows of 8 or more images: part-full and several lane chunks), each for 3x3
+ * and 5x5, stride 1 and 2, with TF-SAME and lopsided padding.
  * Forwards are checked against levi_gconv2d_forward_ref (the definition, in double):
  * max |fast - ref| / max |ref| <= 1e-5 (float accumulation over at most 5*5*8 taps).
  * Backwards are checked against central finite differences of the forward with the harness of
@@ -12,6 +15,9 @@
  * |analytic - numeric| <= 2e-3 |numeric| + 2e-4 max(1, max|numeric|)), plus: a second
  * backward doubles the gradients, and every gradient pointer may be NULL. Inputs of ReLU6 are
  * kept 0.05 away from its kinks.
+ * test_dw_vs_definition sweeps more shapes than finite differences can afford (up to 183x183
+ * planes and 33 images): forward against levi_gconv2d_forward_ref and all three gradients
+ * against the definition summed in double, max |fast - ref| / max |ref| <= 1e-5.
  * The last test checks that the depthwise and pooling kernels give bit-identical results with
  * one and two OpenMP threads (threads own channels there).
  * Not for: batch norm and the dense symmetric convolution (tests/test_ops.c), whole models.
@@ -48,7 +54,7 @@ static void gconv_bwd(gradcase *gc, float *const *g) {
 }
 
 /* {B, IC, H, W, OC, KH, KW, stride, top, bottom, left, right, groups, channel_major} */
-#define GCONV_CASES 14
+#define GCONV_CASES 21
 static const int gconv_cases[GCONV_CASES][14] = {
     {2, 3, 8, 7, 4, 3, 3, 2, 0, 1, 0, 1, 1, 0},   // the stem: stride 2, 'SAME' pad after only
     {2, 3, 8, 7, 4, 3, 3, 2, 0, 1, 0, 1, 1, 1},   // the same, channel-major
@@ -63,6 +69,13 @@ static const int gconv_cases[GCONV_CASES][14] = {
     {1, 2, 6, 7, 2, 5, 5, 1, 2, 2, 2, 2, 2, 0},   // depthwise 5x5, stride 1
     {1, 2, 3, 33, 2, 3, 3, 2, 0, 1, 0, 1, 2, 1},  // depthwise, rows of 17 outputs (wide path)
     {1, 1, 2, 18, 1, 5, 5, 1, 2, 2, 2, 2, 1, 0},  // depthwise 5x5, rows of 18 outputs
+    {1, 2, 5, 37, 2, 3, 3, 1, 1, 1, 1, 1, 2, 1},  // 3x3 s1, rows of 37: two vectors and 5
+    {1, 2, 4, 35, 2, 5, 5, 2, 1, 2, 2, 1, 2, 0},  // 5x5 s2, rows of 18, odd width
+    {9, 2, 7, 7, 2, 5, 5, 1, 2, 2, 2, 2, 2, 1},   // 9 images of 7x7: image lanes, part-full
+    {17, 2, 4, 5, 2, 3, 3, 2, 0, 1, 0, 1, 2, 0},  // 17 images: two lane chunks, one of 1
+    {8, 2, 2, 2, 2, 5, 5, 1, 2, 2, 2, 2, 2, 1},   // 2x2 maps under 5x5 (late stages at 64 px)
+    {9, 2, 5, 4, 2, 3, 2, 2, 1, 0, 0, 1, 2, 0},   // image lanes, non-square kernel
+    {8, 2, 9, 8, 2, 5, 5, 2, 1, 2, 2, 1, 2, 1},   // image lanes, 5x5 s2, asymmetric pad
     {2, 8, 24, 24, 8, 5, 5, 1, 2, 2, 2, 2, 8, 1}, // depthwise big enough to thread
 };
 
@@ -305,6 +318,108 @@ static void test_avgpool_global(void **state) {
 }
 
 /* ----------------------------------------------------------------------------------------
+ * Depthwise kernels over many shapes against the definition (forward and all gradients). */
+
+/* dx, dw, db (double, zeroed by the caller) += the depthwise backward by its definition. */
+static void dw_backward_def(double *dx, double *dw, double *db, const float *d, const float *x,
+                            const float *w, int B, int C, int H, int W, int OH, int OW,
+                            levi_conv_geom g) {
+    for (int n = 0; n < B; n++)
+        for (int c = 0; c < C; c++) {
+            const int64_t xi = (g.channel_major ? (int64_t)c * B + n : (int64_t)n * C + c) * H * W;
+            const int64_t oi =
+                (g.channel_major ? (int64_t)c * B + n : (int64_t)n * C + c) * OH * OW;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    const double dv = d[oi + (int64_t)oh * OW + ow];
+                    db[c] += dv;
+                    for (int kh = 0; kh < g.KH; kh++)
+                        for (int kw = 0; kw < g.KW; kw++) {
+                            const int ih = oh * g.stride - g.pad_top + kh;
+                            const int iw = ow * g.stride - g.pad_left + kw;
+                            if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+                            const int64_t t = ((int64_t)c * g.KH + kh) * g.KW + kw;
+                            dw[t] += dv * x[xi + (int64_t)ih * W + iw];
+                            dx[xi + (int64_t)ih * W + iw] += dv * w[t];
+                        }
+                }
+        }
+}
+
+static double max_norm_err_d(const float *a, const double *b, int64_t n) {
+    double e = 0.0, m = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        e = fmax(e, fabs(a[i] - b[i]));
+        m = fmax(m, fabs(b[i]));
+    }
+    return m > 0.0 ? e / m : e;
+}
+
+static void test_dw_vs_definition(void **state) {
+    (void)state;
+    levi_rng r;
+    levi_rng_seed(&r, 58);
+    /* {B, H, W}: 183x183 pads past the stack buffers (generic backward, in-place forward). */
+    static const int sizes[][3] = {{1, 1, 1},   {2, 3, 16},  {3, 9, 15},   {1, 6, 33},
+                                   {8, 1, 5},   {9, 2, 3},   {16, 7, 7},   {33, 4, 4},
+                                   {8, 14, 14}, {2, 17, 40}, {1, 183, 183}};
+    static const int pads[][4] = {{0, 0, 0, 0}, {1, 1, 1, 1}, {2, 2, 2, 2},
+                                  {0, 1, 0, 1}, {1, 2, 1, 2}, {3, 0, 0, 3}};
+    const int C = 2, ns = sizeof sizes / sizeof sizes[0], np = sizeof pads / sizeof pads[0];
+    int checked = 0;
+    for (int K = 3; K <= 5; K += 2)
+        for (int S = 1; S <= 2; S++)
+            for (int si = 0; si < ns; si++)
+                for (int pi = 0; pi < np; pi++) {
+                    const int B = sizes[si][0], H = sizes[si][1], W = sizes[si][2];
+                    if (H * W > 1000 && (pi != 1 || S != 1)) continue; // one big-plane case each K
+                    levi_conv_geom g = {.KH = K, .KW = K, .stride = S, .groups = C};
+                    g.pad_top = pads[pi][0], g.pad_bottom = pads[pi][1];
+                    g.pad_left = pads[pi][2], g.pad_right = pads[pi][3];
+                    g.channel_major = (si + pi) % 2;
+                    if (H + g.pad_top + g.pad_bottom < K || W + g.pad_left + g.pad_right < K)
+                        continue;
+                    const int OH = levi_conv_out_size(H, K, S, g.pad_top, g.pad_bottom);
+                    const int OW = levi_conv_out_size(W, K, S, g.pad_left, g.pad_right);
+                    const int64_t ni = (int64_t)B * C * H * W, no = (int64_t)B * C * OH * OW;
+                    const int64_t nw = (int64_t)C * K * K;
+                    float *x = rand_normal(&r, ni, 1.0f), *w = rand_normal(&r, nw, 0.5f);
+                    float *b = rand_normal(&r, C, 0.5f), *d = rand_normal(&r, no, 1.0f);
+                    float *o = alloc_f(no), *ref = alloc_f(no);
+                    float *dx = alloc_f(ni), *dw = alloc_f(nw), *db = alloc_f(C);
+                    double *rdx = calloc((size_t)ni, sizeof(double));
+                    double *rdw = calloc((size_t)nw, sizeof(double));
+                    double *rdb = calloc((size_t)C, sizeof(double));
+                    assert_non_null(rdx);
+                    assert_non_null(rdw);
+                    assert_non_null(rdb);
+                    for (int64_t i = 0; i < no; i++) o[i] = NAN;
+                    levi_gconv2d_forward(o, NULL, x, w, b, B, C, H, W, C, g);
+                    levi_gconv2d_forward_ref(ref, x, w, b, B, C, H, W, C, g);
+                    levi_gconv2d_backward(dx, dw, db, NULL, d, x, w, B, C, H, W, C, g);
+                    dw_backward_def(rdx, rdw, rdb, d, x, w, B, C, H, W, OH, OW, g);
+                    char what[160];
+                    snprintf(what, sizeof what, "K%d S%d B%d %dx%d pads %d,%d,%d,%d: ", K, S, B, H,
+                             W, g.pad_top, g.pad_bottom, g.pad_left, g.pad_right);
+                    const size_t at = strlen(what);
+                    snprintf(what + at, sizeof what - at, "forward");
+                    EXPECT_LE(max_norm_err(o, ref, no), 1e-5, what);
+                    snprintf(what + at, sizeof what - at, "dinp");
+                    EXPECT_LE(max_norm_err_d(dx, rdx, ni), 1e-5, what);
+                    snprintf(what + at, sizeof what - at, "dw");
+                    EXPECT_LE(max_norm_err_d(dw, rdw, nw), 1e-5, what);
+                    snprintf(what + at, sizeof what - at, "db");
+                    EXPECT_LE(max_norm_err_d(db, rdb, C), 1e-5, what);
+                    checked++;
+                    levi_free(x), levi_free(w), levi_free(b), levi_free(d);
+                    levi_free(o), levi_free(ref), levi_free(dx), levi_free(dw), levi_free(db);
+                    free(rdx), free(rdw), free(rdb);
+                }
+    printf("  depthwise vs definition: %d shapes\n", checked);
+    assert_true(checked >= 200); // the sweep must not skip itself away
+}
+
+/* ----------------------------------------------------------------------------------------
  * Thread-count invariance of the direct kernels (threads own planes or channels). */
 
 static void run_dw(gconv_ctx *c, float *o, float *gi, float *gw, float *gb) {
@@ -317,28 +432,36 @@ static void test_thread_count_invariance(void **state) {
     (void)state;
     levi_rng r;
     levi_rng_seed(&r, 57);
-    int k[14];
-    memcpy(k, gconv_cases[GCONV_CASES - 1], sizeof k);
-    k[0] = 4, k[1] = k[4] = k[12] = 32; // 32 channels of 24x24, 4 images: threaded
-    gconv_ctx c;
-    gconv_init(&c, &r, k);
-    float *o[2], *gi[2], *gw[2], *gb[2];
-    for (int t = 0; t < 2; t++) {
-        levi_set_num_threads(t + 1);
-        o[t] = alloc_f(c.no), gi[t] = alloc_f(c.ni), gw[t] = alloc_f(c.nw), gb[t] = alloc_f(c.OC);
-        run_dw(&c, o[t], gi[t], gw[t], gb[t]);
+    /* One case per scheme, each big enough to thread: in-place wide rows forward with the
+     * flattened backward; flattened narrow planes both ways (fewer than 8 images); image lanes
+     * both ways (two chunks of 16, the second part-full). */
+    static const int cases[3][14] = {
+        {4, 32, 24, 24, 32, 5, 5, 1, 2, 2, 2, 2, 32, 1},
+        {4, 32, 12, 12, 32, 3, 3, 2, 0, 1, 0, 1, 32, 1},
+        {20, 16, 7, 7, 16, 5, 5, 1, 2, 2, 2, 2, 16, 0},
+    };
+    for (int k = 0; k < 3; k++) {
+        gconv_ctx c;
+        gconv_init(&c, &r, cases[k]);
+        float *o[2], *gi[2], *gw[2], *gb[2];
+        for (int t = 0; t < 2; t++) {
+            levi_set_num_threads(t + 1);
+            o[t] = alloc_f(c.no), gi[t] = alloc_f(c.ni), gw[t] = alloc_f(c.nw);
+            gb[t] = alloc_f(c.OC);
+            run_dw(&c, o[t], gi[t], gw[t], gb[t]);
+        }
+        assert_memory_equal(o[0], o[1], (size_t)c.no * sizeof(float));
+        assert_memory_equal(gi[0], gi[1], (size_t)c.ni * sizeof(float));
+        assert_memory_equal(gw[0], gw[1], (size_t)c.nw * sizeof(float));
+        assert_memory_equal(gb[0], gb[1], (size_t)c.OC * sizeof(float));
+        for (int t = 0; t < 2; t++) {
+            levi_free(o[t]);
+            levi_free(gi[t]);
+            levi_free(gw[t]);
+            levi_free(gb[t]);
+        }
+        gconv_free(&c);
     }
-    assert_memory_equal(o[0], o[1], (size_t)c.no * sizeof(float));
-    assert_memory_equal(gi[0], gi[1], (size_t)c.ni * sizeof(float));
-    assert_memory_equal(gw[0], gw[1], (size_t)c.nw * sizeof(float));
-    assert_memory_equal(gb[0], gb[1], (size_t)c.OC * sizeof(float));
-    for (int t = 0; t < 2; t++) {
-        levi_free(o[t]);
-        levi_free(gi[t]);
-        levi_free(gw[t]);
-        levi_free(gb[t]);
-    }
-    gconv_free(&c);
 }
 
 int main(void) {
@@ -347,6 +470,7 @@ int main(void) {
         cmocka_unit_test(test_gconv_layouts_agree), cmocka_unit_test(test_gconv_grad),
         cmocka_unit_test(test_conv2d_is_gconv),     cmocka_unit_test(test_relu6),
         cmocka_unit_test(test_avgpool_global),      cmocka_unit_test(test_thread_count_invariance),
+        cmocka_unit_test(test_dw_vs_definition),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -7,12 +7,12 @@
  * threads the GEMM); a 1x1 stride-1 unpadded convolution is a GEMM on the image itself, and in
  * the channel-major layout [C,B,H,W] a GEMM over the whole batch at once (one weight packing
  * instead of B, which matters when the late stages have 2x2 maps). A depthwise convolution
- * (groups == IC == OC) is direct: for square 3x3 / 5x5 kernels with stride 1 or 2 (all of
- * EfficientNet's) each plane is copied into a zero-padded stack buffer and a kernel with the
- * taps unrolled at compile time runs vectorised along the output row (the backward, on narrow
- * rows, per output with the weight-gradient sums in registers); other shapes take a generic
- * loop over the taps that fall inside the image. The other loops are plain and threaded over
- * channels or planes with OpenMP when big enough.
+ * (groups == IC == OC) is direct and vectorised: for square 3x3 / 5x5 kernels with stride 1
+ * or 2 (all of EfficientNet's) kernels with the taps unrolled at compile time run over rows of
+ * 16+ outputs in place, or over a zero-padded flattened copy of the plane; maps too small for
+ * either (up to 8 wide, 8+ images) run 16 images of a channel side by side (see "Fast paths"
+ * below); other shapes take a generic loop over the taps that fall inside the image. The other
+ * loops are plain and threaded over channels or planes with OpenMP when big enough.
  * Not for: dilation, padding modes other than zeros, different strides per direction, or
  * padded/ceil-mode pooling. Not for shape validation of user input either (callers validate).
  *
@@ -207,68 +207,314 @@ static void levi__dw_plane_forward(float *o, const float *x, const float *wk, fl
     }
 }
 
-/* xp [Hp,Wp] = x [H,W] with a zero border of the geometry's padding. */
-static void levi__pad_plane(float *xp, const float *x, int H, int W, levi_conv_geom g) {
-    const int Wp = W + g.pad_left + g.pad_right;
-    memset(xp, 0, (size_t)g.pad_top * Wp * sizeof(float));
-    for (int ih = 0; ih < H; ih++) {
-        float *row = xp + (int64_t)(ih + g.pad_top) * Wp;
-        for (int j = 0; j < g.pad_left; j++) row[j] = 0.0f;
-        memcpy(row + g.pad_left, x + (int64_t)ih * W, (size_t)W * sizeof(float));
-        for (int j = g.pad_left + W; j < Wp; j++) row[j] = 0.0f;
-    }
-    memset(xp + (int64_t)(H + g.pad_top) * Wp, 0, (size_t)g.pad_bottom * Wp * sizeof(float));
-}
+/* Fast paths for the kernels EfficientNet uses (square 3x3 or 5x5, stride 1 or 2, any
+ * paddings). Every kernel has the taps unrolled at compile time (K and S are macro
+ * arguments) and runs vectorised over adjacent outputs. Two schemes (and image lanes for
+ * the smallest maps, below):
+ * - Wide rows (OW >= LEVI__DW_WIDE): the forward reads the input plane in place. Per output
+ *   row, the columns whose taps all fall inside the image are one vectorised loop; the few
+ *   border columns (at most K/S + 1 per side) take a checked scalar sum. No padded copy.
+ * - Narrow rows (maps up to 15 wide, unless image lanes take them), and every backward that
+ *   image lanes do not take: the plane is copied once into a zero-padded buffer xp [Hp, Wpe]
+ *   (Wpe = padded width rounded up to a multiple of S), and the kernel runs over the
+ *   flattened buffer: output q = oh*Wq + ow (Wq = Wpe/S) reads xp[S*q + row(kh) + kw] (for
+ *   stride 2 the rows are stored even rows first, see levi__dw_flat_geom), so a whole 7x7
+ *   plane is one loop of 77 (k5) instead of seven loops of 7. Columns ow >= OW of each
+ *   flattened row are computed and dropped (forward) or fed zeros (backward).
+ * The per-tap inner loops must be fully unrolled before the vectoriser sees them: the
+ * Release build compiles at -O2, where GCC does not unroll a loop that grows the code and
+ * then refuses to vectorise the outer loop ("multiple nested loops"), leaving one scalar
+ * multiply-add chain per output. LEVI__UNROLL asks for the unrolling explicitly. */
+#if defined(__clang__)
+#define LEVI__UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define LEVI__UNROLL _Pragma("GCC unroll 8")
+#else
+#define LEVI__UNROLL
+#endif
+/* Float offset of tap row kh (a compile-time constant once K and S are). */
+#define LEVI__DW_ROW(S, kh, Wpe, odd)                                                              \
+    ((S) == 1 ? (kh) * (Wpe) : ((kh)&1) * (odd) + ((kh) >> 1) * (Wpe))
 
-/* Threads own channels: the weight gradient of a channel sums over the batch in one thread, in
- * a fixed order, and the input planes of a channel are written by that thread only. */
-/* Fast path for the kernels EfficientNet uses (square 3x3 or 5x5, stride 1 or 2): the plane
- * is copied once into a zero-padded buffer, then every output is one unrolled sum over the
- * taps, vectorised over the output row. The generic loop above pays a loop set-up per
- * (row, tap), which on the 2x2 to 48x48 maps of a 64-96 pixel input cost 70% of a forward. */
-#define LEVI__DW_MAX_PADDED (1 << 15) /* floats of the padded plane, on the stack */
-#define LEVI__DW_KERNEL(K, S)                                                                      \
-    static void levi__dw_plane_k##K##s##S(float *o, const float *xp, int Wp, const float *wk,      \
-                                          float bias, int OH, int OW) {                            \
+#define LEVI__DW_WIDE 16
+#define LEVI__DW_MAX_PADDED (1 << 15) /* floats of one padded/flattened plane, on the stack */
+
+/* Wide-row forward: o [OH,OW] = bias + taps * x [H,W], the input read in place. */
+#define LEVI__DW_ROWS_KERNEL(K, S)                                                                 \
+    static void levi__dw_rows_k##K##s##S(float *restrict o, const float *restrict x,               \
+                                         const float *restrict wk, float bias, int H, int W,       \
+                                         int OH, int OW, int pt, int pl) {                         \
         float wv[K * K];                                                                           \
         for (int t = 0; t < K * K; t++) wv[t] = wk[t];                                             \
+        /* interior columns: 0 <= ow*S - pl and ow*S - pl + K - 1 <= W - 1 */                      \
+        int lo = pl <= 0 ? 0 : (pl + S - 1) / S;                                                   \
+        int hi = W - K + pl < 0 ? 0 : (W - K + pl) / S + 1;                                        \
+        if (hi > OW) hi = OW;                                                                      \
+        if (lo > hi) lo = hi;                                                                      \
         for (int oh = 0; oh < OH; oh++) {                                                          \
-            const float *r = xp + (int64_t)oh * S * Wp;                                            \
-            float *orow = o + (int64_t)oh * OW;                                                    \
-            LEVI__OMP_SIMD                                                                         \
-            for (int ow = 0; ow < OW; ow++) {                                                      \
-                float acc = bias;                                                                  \
-                for (int kh = 0; kh < K; kh++)                                                     \
+            const int ih0 = oh * S - pt;                                                           \
+            float *restrict orow = o + (int64_t)oh * OW;                                           \
+            const int kh0 = ih0 < 0 ? -ih0 : 0, kh1 = H - ih0 < K ? H - ih0 : K;                   \
+            if (kh0 == 0 && kh1 == K) {                                                            \
+                const float *restrict r = x + (int64_t)ih0 * W;                                    \
+                LEVI__OMP_SIMD                                                                     \
+                for (int ow = lo; ow < hi; ow++) {                                                 \
+                    const int c0 = ow * S - pl;                                                    \
+                    float acc = bias;                                                              \
+                    LEVI__UNROLL                                                                   \
+                    for (int kh = 0; kh < K; kh++) LEVI__UNROLL                                    \
                     for (int kw = 0; kw < K; kw++)                                                 \
-                        acc += wv[kh * K + kw] * r[(int64_t)kh * Wp + ow * S + kw];                \
+                        acc += wv[kh * K + kw] * r[(int64_t)kh * W + c0 + kw];                     \
+                    orow[ow] = acc;                                                                \
+                }                                                                                  \
+            } else {                                                                               \
+                for (int ow = lo; ow < hi; ow++) orow[ow] = bias;                                  \
+                for (int kh = kh0; kh < kh1; kh++) {                                               \
+                    const float *restrict r = x + (int64_t)(ih0 + kh) * W;                         \
+                    const float *restrict wr = wv + kh * K;                                        \
+                    LEVI__OMP_SIMD                                                                 \
+                    for (int ow = lo; ow < hi; ow++) {                                             \
+                        const int c0 = ow * S - pl;                                                \
+                        float acc = orow[ow];                                                      \
+                        LEVI__UNROLL                                                               \
+                        for (int kw = 0; kw < K; kw++) acc += wr[kw] * r[c0 + kw];                 \
+                        orow[ow] = acc;                                                            \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            for (int ow = 0; ow < OW; ow++) {                                                      \
+                if (ow == lo) ow = hi;                                                             \
+                if (ow >= OW) break;                                                               \
+                const int c0 = ow * S - pl;                                                        \
+                float acc = bias;                                                                  \
+                for (int kh = kh0; kh < kh1; kh++)                                                 \
+                    for (int kw = 0; kw < K; kw++)                                                 \
+                        if (c0 + kw >= 0 && c0 + kw < W)                                           \
+                            acc += wv[kh * K + kw] * x[(int64_t)(ih0 + kh) * W + c0 + kw];         \
                 orow[ow] = acc;                                                                    \
             }                                                                                      \
         }                                                                                          \
     }
-LEVI__DW_KERNEL(3, 1)
-LEVI__DW_KERNEL(3, 2)
-LEVI__DW_KERNEL(5, 1)
-LEVI__DW_KERNEL(5, 2)
 
-typedef void (*levi__dw_plane_fn)(float *, const float *, int, const float *, float, int, int);
+/* Flattened forward over a padded plane: tmp [n] = bias + taps * xp, n = OH*Wq outputs. */
+#define LEVI__DW_FLAT_KERNEL(K, S)                                                                 \
+    static void levi__dw_flat_k##K##s##S(float *restrict tmp, const float *restrict xp, int Wpe,   \
+                                         int odd, const float *restrict wk, float bias, int n) {   \
+        float wv[K * K];                                                                           \
+        for (int t = 0; t < K * K; t++) wv[t] = wk[t];                                             \
+        LEVI__OMP_SIMD                                                                             \
+        for (int q = 0; q < n; q++) {                                                              \
+            float acc = bias;                                                                      \
+            LEVI__UNROLL                                                                           \
+            for (int kh = 0; kh < K; kh++) LEVI__UNROLL                                            \
+            for (int kw = 0; kw < K; kw++)                                                         \
+                acc += wv[kh * K + kw] * xp[S * q + LEVI__DW_ROW(S, kh, Wpe, odd) + kw];           \
+            tmp[q] = acc;                                                                          \
+        }                                                                                          \
+    }
+LEVI__DW_ROWS_KERNEL(3, 1)
+LEVI__DW_ROWS_KERNEL(3, 2)
+LEVI__DW_ROWS_KERNEL(5, 1)
+LEVI__DW_ROWS_KERNEL(5, 2)
+LEVI__DW_FLAT_KERNEL(3, 1)
+LEVI__DW_FLAT_KERNEL(3, 2)
+LEVI__DW_FLAT_KERNEL(5, 1)
+LEVI__DW_FLAT_KERNEL(5, 2)
 
-static levi__dw_plane_fn levi__dw_fast(levi_conv_geom g, int H, int W) {
-    const int64_t padded = (int64_t)(H + g.pad_top + g.pad_bottom) * (W + g.pad_left + g.pad_right);
-    if (g.KH != g.KW || padded > LEVI__DW_MAX_PADDED) return NULL;
-    if (g.KH == 3)
-        return g.stride == 1 ? levi__dw_plane_k3s1 : g.stride == 2 ? levi__dw_plane_k3s2 : NULL;
-    if (g.KH == 5)
-        return g.stride == 1 ? levi__dw_plane_k5s1 : g.stride == 2 ? levi__dw_plane_k5s2 : NULL;
-    return NULL;
+typedef void (*levi__dw_rows_fn)(float *, const float *, const float *, float, int, int, int, int,
+                                 int, int);
+typedef void (*levi__dw_flat_fn)(float *, const float *, int, int, const float *, float, int);
+
+/* The padded, flattened geometry of one plane: Hp rows of Wpe floats plus K floats of zero
+ * tail (the last flattened row reads up to K-1 floats past its padded row), and the n = OH*Wq
+ * flattened outputs. For stride 2 the padded rows are stored even rows first, then odd rows
+ * from float offset odd: output row oh reads padded rows 2*oh + kh, which are then rows
+ * oh + kh/2 of one half, and q = oh*Wq + ow with Wq = Wpe/2 steps through them as 2*q.
+ * fits == 0 when the plane does not fit the stack buffers. */
+typedef struct {
+    int Hp, Wpe, Wq, n, odd, fits;
+} levi__dw_flat_geom;
+
+static levi__dw_flat_geom levi__dw_flat(levi_conv_geom g, int H, int W, int OH) {
+    levi__dw_flat_geom f;
+    const int S = g.stride;
+    f.Hp = H + g.pad_top + g.pad_bottom;
+    f.Wpe = W + g.pad_left + g.pad_right;
+    f.Wpe += (S - f.Wpe % S) % S;
+    f.Wq = f.Wpe / S;
+    f.n = OH * f.Wq;
+    f.odd = S == 2 ? (f.Hp + 1) / 2 * f.Wpe : 0;
+    f.fits = (int64_t)f.Hp * f.Wpe + g.KW <= LEVI__DW_MAX_PADDED;
+    return f;
+}
+
+/* Float offset of padded row r in the buffer. */
+static int64_t levi__dw_row_at(levi__dw_flat_geom f, int r) {
+    return f.odd ? (r & 1) * (int64_t)f.odd + (int64_t)(r >> 1) * f.Wpe : (int64_t)r * f.Wpe;
+}
+
+/* xp [Hp,Wpe] (+ KW tail) = x [H,W] with a zero border of the geometry's padding, rows placed
+ * by levi__dw_row_at. Only the border is zeroed: the interior is overwritten. */
+static void levi__pad_plane(float *restrict xp, const float *restrict x, int H, int W,
+                            levi_conv_geom g, levi__dw_flat_geom f) {
+    const int Wpe = f.Wpe, right = Wpe - g.pad_left - W;
+    for (int r = 0; r < f.Hp; r++) {
+        float *row = xp + levi__dw_row_at(f, r);
+        const int ih = r - g.pad_top;
+        if (ih < 0 || ih >= H) {
+            memset(row, 0, (size_t)Wpe * sizeof(float));
+            continue;
+        }
+        for (int j = 0; j < g.pad_left; j++) row[j] = 0.0f;
+        memcpy(row + g.pad_left, x + (int64_t)ih * W, (size_t)W * sizeof(float));
+        for (int j = 0; j < right; j++) row[g.pad_left + W + j] = 0.0f;
+    }
+    memset(xp + (int64_t)f.Hp * Wpe, 0, (size_t)g.KW * sizeof(float));
+}
+
+static int levi__dw_square(levi_conv_geom g) {
+    return g.KH == g.KW && (g.KH == 3 || g.KH == 5) && (g.stride == 1 || g.stride == 2);
+}
+
+static levi__dw_rows_fn levi__dw_rows_pick(levi_conv_geom g) {
+    if (!levi__dw_square(g)) return NULL;
+    if (g.KH == 3) return g.stride == 1 ? levi__dw_rows_k3s1 : levi__dw_rows_k3s2;
+    return g.stride == 1 ? levi__dw_rows_k5s1 : levi__dw_rows_k5s2;
+}
+
+static levi__dw_flat_fn levi__dw_flat_pick(levi_conv_geom g) {
+    if (!levi__dw_square(g)) return NULL;
+    if (g.KH == 3) return g.stride == 1 ? levi__dw_flat_k3s1 : levi__dw_flat_k3s2;
+    return g.stride == 1 ? levi__dw_flat_k5s1 : levi__dw_flat_k5s2;
+}
+
+/* Small maps of a batch (backward: OW < LEVI__DW_WIDE; forward: OW <= LEVI__DW_LANES_FWD_OW;
+ * at least LEVI__DW_LANES/2 images, any kernel, stride and padding): 16 images of
+ * one channel side by side. Their planes are transposed into xt [H*W, 16] (lanes past the
+ * batch are zeros), so every tap of every output is one 16-wide multiply-add over images with
+ * no padding computed: a 2x2 to 8x8 map is too narrow to vectorise along its rows, but the images
+ * of a channel share its weights. Generic in kernel size, stride and padding; the per-tap checks
+ * run once per 16 images. */
+#define LEVI__DW_LANES 16
+#define LEVI__DW_LANE_POS 1024 /* H*W and OH*OW of one plane, for the stack buffers */
+/* The forward takes image lanes only up to rows of 8 (7x7 and smaller maps): from 9 to 15
+ * the flattened plane wastes little and measured as fast or faster (EfficientNet-Lite0 at
+ * 224 px, 1 thread, within the noise of a shared machine). */
+#define LEVI__DW_LANES_FWD_OW 8
+
+static int levi__dw_use_lanes(int B, int H, int W, levi__conv_shape sh) {
+    return sh.OW < LEVI__DW_WIDE && B >= LEVI__DW_LANES / 2 &&
+           (int64_t)H * W <= LEVI__DW_LANE_POS && sh.P <= LEVI__DW_LANE_POS;
+}
+
+/* t [HW, 16] = the planes of images n0 .. n0+nb-1 (one channel, first at src, img floats
+ * apart), zeros in the other lanes. */
+static void levi__dw_lanes_in(float *restrict t, const float *src, int64_t img, int nb,
+                              int64_t HW) {
+    for (int l = 0; l < LEVI__DW_LANES; l++) {
+        const float *x = l < nb ? src + l * img : NULL;
+        for (int64_t p = 0; p < HW; p++) t[p * LEVI__DW_LANES + l] = x ? x[p] : 0.0f;
+    }
+}
+
+/* Forward of images n0 .. n0+nb-1 of channel c. */
+static void levi__dw_lanes_forward(float *out, const float *inp, const float *wk, float bias,
+                                   levi__strides si, levi__strides so, int c, int n0, int nb, int H,
+                                   int W, levi__conv_shape sh, levi_conv_geom g) {
+    enum { L = LEVI__DW_LANES };
+    float xt[LEVI__DW_LANE_POS * L];
+    levi__dw_lanes_in(xt, inp + n0 * si.img + c * si.ch, si.img, nb, (int64_t)H * W);
+    float *o = out + n0 * so.img + c * so.ch;
+    // A whole output row at a time, taps outer: the OW sums are independent chains, where one
+    // output at a time would wait on the latency of each multiply-add.
+    for (int oh = 0; oh < sh.OH; oh++) {
+        float acc[LEVI__DW_WIDE * L];
+        for (int i = 0; i < sh.OW * L; i++) acc[i] = bias;
+        for (int kh = 0; kh < g.KH; kh++) {
+            const int ih = oh * g.stride - g.pad_top + kh;
+            if (ih < 0 || ih >= H) continue;
+            for (int kw = 0; kw < g.KW; kw++) {
+                int lo, hi;
+                levi__tap_range(W, sh.OW, g.stride, g.pad_left, kw, &lo, &hi);
+                const float wv = wk[kh * g.KW + kw];
+                for (int ow = lo; ow < hi; ow++) {
+                    const float *xr = xt + ((int64_t)ih * W + ow * g.stride - g.pad_left + kw) * L;
+                    float *a = acc + ow * L;
+                    LEVI__OMP_SIMD
+                    for (int l = 0; l < L; l++) a[l] += wv * xr[l];
+                }
+            }
+        }
+        for (int ow = 0; ow < sh.OW; ow++) {
+            const int64_t p = (int64_t)oh * sh.OW + ow;
+            for (int l = 0; l < nb; l++) o[l * so.img + p] = acc[ow * L + l];
+        }
+    }
+}
+
+/* Backward of images n0 .. n0+nb-1 of channel c: dws [KK, 16] += the weight gradient per
+ * lane (summed over lanes by the caller, in a fixed order), dx += the input gradient. */
+static void levi__dw_lanes_backward(float *dinp, float *dws, const float *dout, const float *inp,
+                                    const float *wk, levi__strides si, levi__strides so, int c,
+                                    int n0, int nb, int H, int W, levi__conv_shape sh,
+                                    levi_conv_geom g) {
+    enum { L = LEVI__DW_LANES };
+    float xt[LEVI__DW_LANE_POS * L], dt[LEVI__DW_LANE_POS * L], dxt[LEVI__DW_LANE_POS * L];
+    const int64_t HW = (int64_t)H * W;
+    if (dws) levi__dw_lanes_in(xt, inp + n0 * si.img + c * si.ch, si.img, nb, HW);
+    if (dinp) memset(dxt, 0, (size_t)HW * L * sizeof(float));
+    levi__dw_lanes_in(dt, dout + n0 * so.img + c * so.ch, so.img, nb, sh.P);
+    for (int oh = 0; oh < sh.OH; oh++)
+        for (int ow = 0; ow < sh.OW; ow++) {
+            const float *dr = dt + ((int64_t)oh * sh.OW + ow) * L;
+            for (int kh = 0; kh < g.KH; kh++) {
+                const int ih = oh * g.stride - g.pad_top + kh;
+                if (ih < 0 || ih >= H) continue;
+                for (int kw = 0; kw < g.KW; kw++) {
+                    const int iw = ow * g.stride - g.pad_left + kw;
+                    if (iw < 0 || iw >= W) continue;
+                    const int64_t at = ((int64_t)ih * W + iw) * L;
+                    if (dws) {
+                        float *a = dws + (kh * g.KW + kw) * L;
+                        const float *xr = xt + at;
+                        LEVI__OMP_SIMD
+                        for (int l = 0; l < L; l++) a[l] += dr[l] * xr[l];
+                    }
+                    if (dinp) {
+                        const float wv = wk[kh * g.KW + kw];
+                        float *xr = dxt + at;
+                        LEVI__OMP_SIMD
+                        for (int l = 0; l < L; l++) xr[l] += wv * dr[l];
+                    }
+                }
+            }
+        }
+    if (dinp)
+        for (int l = 0; l < nb; l++) {
+            float *dx = dinp + (n0 + l) * si.img + c * si.ch;
+            for (int64_t p = 0; p < HW; p++) dx[p] += dxt[p * L + l];
+        }
 }
 
 static void levi__dw_forward(float *out, const float *inp, const float *w, const float *b, int B,
                              int C, int H, int W, levi_conv_geom g, levi__conv_shape sh) {
     const levi__strides si = levi__layout(B, C, (int64_t)H * W, g.channel_major);
     const levi__strides so = levi__layout(B, C, sh.P, g.channel_major);
-    const int planes = B * C, KK = g.KH * g.KW;
-    const levi__dw_plane_fn fast = levi__dw_fast(g, H, W);
-    const int Wp = W + g.pad_left + g.pad_right;
+    const int planes = B * C, KK = g.KH * g.KW, OH = sh.OH, OW = sh.OW;
+    const levi__dw_flat_geom f = levi__dw_flat(g, H, W, OH);
+    const levi__dw_rows_fn rows = OW >= LEVI__DW_WIDE ? levi__dw_rows_pick(g) : NULL;
+    const levi__dw_flat_fn flat = !rows && f.fits ? levi__dw_flat_pick(g) : NULL;
+    if (!rows && levi__dw_use_lanes(B, H, W, sh) && sh.OW <= LEVI__DW_LANES_FWD_OW) {
+        const int chunks = (B + LEVI__DW_LANES - 1) / LEVI__DW_LANES, units = C * chunks;
+        LEVI__OMP_FOR_IF(units > 1 && (int64_t)planes * sh.P * KK > LEVI__PAR_WORK)
+        for (int u = 0; u < units; u++) {
+            const int c = u / chunks, n0 = u % chunks * LEVI__DW_LANES;
+            const int nb = B - n0 < LEVI__DW_LANES ? B - n0 : LEVI__DW_LANES;
+            levi__dw_lanes_forward(out, inp, w + (int64_t)c * KK, b ? b[c] : 0.0f, si, so, c, n0,
+                                   nb, H, W, sh, g);
+        }
+        return;
+    }
     LEVI__OMP_FOR_IF(planes > 1 && (int64_t)planes * sh.P * KK > LEVI__PAR_WORK)
     for (int pl = 0; pl < planes; pl++) {
         const int n = pl / C, c = pl % C;
@@ -276,64 +522,49 @@ static void levi__dw_forward(float *out, const float *inp, const float *w, const
         float *o = out + n * so.img + c * so.ch;
         const float *wk = w + (int64_t)c * KK;
         const float bias = b ? b[c] : 0.0f;
-        if (!fast) {
-            levi__dw_plane_forward(o, x, wk, bias, H, W, sh.OH, sh.OW, g);
-            continue;
+        if (rows) {
+            rows(o, x, wk, bias, H, W, OH, OW, g.pad_top, g.pad_left);
+        } else if (flat) {
+            float xp[LEVI__DW_MAX_PADDED], tmp[LEVI__DW_MAX_PADDED];
+            levi__pad_plane(xp, x, H, W, g, f);
+            flat(tmp, xp, f.Wpe, f.odd, wk, bias, f.n);
+            for (int oh = 0; oh < OH; oh++)
+                memcpy(o + (int64_t)oh * OW, tmp + (int64_t)oh * f.Wq, (size_t)OW * sizeof(float));
+        } else {
+            levi__dw_plane_forward(o, x, wk, bias, H, W, OH, OW, g);
         }
-        float xp[LEVI__DW_MAX_PADDED];
-        levi__pad_plane(xp, x, H, W, g);
-        fast(o, xp, Wp, wk, bias, sh.OH, sh.OW);
     }
 }
 
-/* Backward fast path, same kernels: over zero-padded copies of the input plane (for dw) and of
- * its gradient (dx, added back without the border afterwards). */
-/* Rows of at least LEVI__DW_WIDE outputs run per tap, vectorised along the row; narrower ones
- * (the 2x2 to 8x8 maps of the late stages) per output with the taps unrolled and their
- * weight-gradient sums in registers, where a loop per tap would cost more to set up than to
- * run. */
-#define LEVI__DW_WIDE 16
+/* Backward fast path over the flattened padded plane xp and the output gradient dq [OH,Wq]
+ * laid out like the flattened outputs (zeros in the dropped columns ow >= OW, so they add
+ * nothing). Per tap t = (kh,kw), off = kh*Wpe + kw:
+ *   acc[t] += sum_q dq[q] * xp[S*q + off]   (weight gradient: one vectorised dot product)
+ *   dxp[S*q + off] += w[t] * dq[q]          (input gradient, into a zeroed padded plane)
+ * One loop per tap: within a tap no two q write the same dxp element, so each loop
+ * vectorises (strided for S = 2); the sum order is fixed, so results do not depend on the
+ * thread count. */
 #define LEVI__DW_BWD_KERNEL(K, S)                                                                  \
-    static void levi__dw_plane_bwd_k##K##s##S(float *dxp, float *acc, const float *xp,             \
-                                              const float *d, const float *wk, int Wp, int OH,     \
-                                              int OW) {                                            \
-        if (OW < LEVI__DW_WIDE) {                                                                  \
-            float a[K * K] = {0}, wv[K * K];                                                       \
-            for (int t = 0; t < K * K; t++) wv[t] = wk[t];                                         \
-            for (int oh = 0; oh < OH; oh++)                                                        \
-                for (int ow = 0; ow < OW; ow++) {                                                  \
-                    const float dv = d[(int64_t)oh * OW + ow];                                     \
-                    const int64_t base = (int64_t)oh * S * Wp + ow * S;                            \
-                    for (int kh = 0; kh < K; kh++)                                                 \
-                        for (int kw = 0; kw < K; kw++) {                                           \
-                            if (acc) a[kh * K + kw] += dv * xp[base + kh * Wp + kw];               \
-                            if (dxp) dxp[base + kh * Wp + kw] += wv[kh * K + kw] * dv;             \
-                        }                                                                          \
+    static void levi__dw_bwd_flat_k##K##s##S(float *restrict dxp, float *restrict acc,             \
+                                             const float *restrict xp, const float *restrict dq,   \
+                                             const float *restrict wk, int Wpe, int odd, int n) {  \
+        for (int kh = 0; kh < K; kh++)                                                             \
+            for (int kw = 0; kw < K; kw++) {                                                       \
+                const int off = LEVI__DW_ROW(S, kh, Wpe, odd) + kw;                                \
+                if (acc) {                                                                         \
+                    const float *restrict xr = xp + off;                                           \
+                    float t = 0.0f;                                                                \
+                    LEVI__OMP_SIMD_SUM(t)                                                          \
+                    for (int q = 0; q < n; q++) t += dq[q] * xr[S * q];                            \
+                    acc[kh * K + kw] += t;                                                         \
                 }                                                                                  \
-            if (acc)                                                                               \
-                for (int t = 0; t < K * K; t++) acc[t] += a[t];                                    \
-            return;                                                                                \
-        }                                                                                          \
-        for (int oh = 0; oh < OH; oh++) {                                                          \
-            const float *drow = d + (int64_t)oh * OW;                                              \
-            for (int kh = 0; kh < K; kh++)                                                         \
-                for (int kw = 0; kw < K; kw++) {                                                   \
-                    const int64_t off = (int64_t)(oh * S + kh) * Wp + kw;                          \
-                    if (acc) {                                                                     \
-                        const float *xr = xp + off;                                                \
-                        float t = 0.0f;                                                            \
-                        LEVI__OMP_SIMD_SUM(t)                                                      \
-                        for (int ow = 0; ow < OW; ow++) t += drow[ow] * xr[ow * S];                \
-                        acc[kh * K + kw] += t;                                                     \
-                    }                                                                              \
-                    if (dxp) {                                                                     \
-                        float *xr = dxp + off;                                                     \
-                        const float wv = wk[kh * K + kw];                                          \
-                        LEVI__OMP_SIMD                                                             \
-                        for (int ow = 0; ow < OW; ow++) xr[ow * S] += wv * drow[ow];               \
-                    }                                                                              \
+                if (dxp) {                                                                         \
+                    float *restrict xr = dxp + off;                                                \
+                    const float wv = wk[kh * K + kw];                                              \
+                    LEVI__OMP_SIMD                                                                 \
+                    for (int q = 0; q < n; q++) xr[S * q] += wv * dq[q];                           \
                 }                                                                                  \
-        }                                                                                          \
+            }                                                                                      \
     }
 LEVI__DW_BWD_KERNEL(3, 1)
 LEVI__DW_BWD_KERNEL(3, 2)
@@ -343,34 +574,48 @@ LEVI__DW_BWD_KERNEL(5, 2)
 typedef void (*levi__dw_bwd_fn)(float *, float *, const float *, const float *, const float *, int,
                                 int, int);
 
-static levi__dw_bwd_fn levi__dw_bwd_fast(levi_conv_geom g, int H, int W) {
-    const int64_t padded = (int64_t)(H + g.pad_top + g.pad_bottom) * (W + g.pad_left + g.pad_right);
-    if (g.KH != g.KW || padded > LEVI__DW_MAX_PADDED) return NULL;
-    if (g.KH == 3)
-        return g.stride == 1   ? levi__dw_plane_bwd_k3s1
-               : g.stride == 2 ? levi__dw_plane_bwd_k3s2
-                               : NULL;
-    if (g.KH == 5)
-        return g.stride == 1   ? levi__dw_plane_bwd_k5s1
-               : g.stride == 2 ? levi__dw_plane_bwd_k5s2
-                               : NULL;
-    return NULL;
+static levi__dw_bwd_fn levi__dw_bwd_pick(levi_conv_geom g) {
+    if (!levi__dw_square(g)) return NULL;
+    if (g.KH == 3) return g.stride == 1 ? levi__dw_bwd_flat_k3s1 : levi__dw_bwd_flat_k3s2;
+    return g.stride == 1 ? levi__dw_bwd_flat_k5s1 : levi__dw_bwd_flat_k5s2;
 }
 
+/* Threads own channels: the weight gradient of a channel sums over the batch in one thread, in
+ * a fixed order, and the input planes of a channel are written by that thread only. */
 static void levi__dw_backward(float *dinp, float *dw, float *db, const float *dout,
                               const float *inp, const float *w, int B, int C, int H, int W,
                               levi_conv_geom g, levi__conv_shape sh) {
     const levi__strides si = levi__layout(B, C, (int64_t)H * W, g.channel_major);
     const levi__strides so = levi__layout(B, C, sh.P, g.channel_major);
     const int KK = g.KH * g.KW, s = g.stride, OH = sh.OH, OW = sh.OW;
-    const levi__dw_bwd_fn fast = levi__dw_bwd_fast(g, H, W);
-    const int Wp = W + g.pad_left + g.pad_right;
+    const levi__dw_flat_geom f = levi__dw_flat(g, H, W, OH);
+    const levi__dw_bwd_fn fast = f.fits ? levi__dw_bwd_pick(g) : NULL;
+    const int lanes = levi__dw_use_lanes(B, H, W, sh);
     LEVI__OMP_FOR_IF(C > 1 && (int64_t)B * C * sh.P * KK > LEVI__PAR_WORK)
     for (int c = 0; c < C; c++) {
         const float *wk = w + (int64_t)c * KK;
         float dws[LEVI_CONV_MAX_TAPS] = {0};
         float dbs = 0.0f;
-        for (int n = 0; n < B; n++) {
+        if (lanes) {
+            float dwl[LEVI_CONV_MAX_TAPS * LEVI__DW_LANES] = {0};
+            for (int n0 = 0; n0 < B; n0 += LEVI__DW_LANES) {
+                const int nb = B - n0 < LEVI__DW_LANES ? B - n0 : LEVI__DW_LANES;
+                if (db)
+                    for (int l = 0; l < nb; l++) {
+                        const float *d = dout + (n0 + l) * so.img + c * so.ch;
+                        float t = 0.0f;
+                        LEVI__OMP_SIMD_SUM(t)
+                        for (int64_t p = 0; p < sh.P; p++) t += d[p];
+                        dbs += t;
+                    }
+                if (dw || dinp)
+                    levi__dw_lanes_backward(dinp, dw ? dwl : NULL, dout, inp, wk, si, so, c, n0, nb,
+                                            H, W, sh, g);
+            }
+            for (int k = 0; k < KK; k++)
+                for (int l = 0; l < LEVI__DW_LANES; l++) dws[k] += dwl[k * LEVI__DW_LANES + l];
+        }
+        for (int n = 0; n < B && !lanes; n++) {
             const float *d = dout + n * so.img + c * so.ch;
             const float *x = inp + n * si.img + c * si.ch;
             float *dx = dinp ? dinp + n * si.img + c * si.ch : NULL;
@@ -382,14 +627,18 @@ static void levi__dw_backward(float *dinp, float *dw, float *db, const float *do
             }
             if (!dw && !dx) continue;
             if (fast) {
-                float xp[LEVI__DW_MAX_PADDED], dxp[LEVI__DW_MAX_PADDED];
-                const int Hp = H + g.pad_top + g.pad_bottom;
-                if (dw) levi__pad_plane(xp, x, H, W, g);
-                if (dx) memset(dxp, 0, (size_t)Hp * Wp * sizeof(float));
-                fast(dx ? dxp : NULL, dw ? dws : NULL, xp, d, wk, Wp, OH, OW);
+                float xp[LEVI__DW_MAX_PADDED], dxp[LEVI__DW_MAX_PADDED], dq[LEVI__DW_MAX_PADDED];
+                if (dw) levi__pad_plane(xp, x, H, W, g, f);
+                if (dx) memset(dxp, 0, ((size_t)f.Hp * f.Wpe + (size_t)g.KW) * sizeof(float));
+                for (int oh = 0; oh < OH; oh++) {
+                    float *row = dq + (int64_t)oh * f.Wq;
+                    memcpy(row, d + (int64_t)oh * OW, (size_t)OW * sizeof(float));
+                    for (int j = OW; j < f.Wq; j++) row[j] = 0.0f;
+                }
+                fast(dx ? dxp : NULL, dw ? dws : NULL, xp, dq, wk, f.Wpe, f.odd, f.n);
                 if (dx)
                     for (int ih = 0; ih < H; ih++) {
-                        const float *src = dxp + (int64_t)(ih + g.pad_top) * Wp + g.pad_left;
+                        const float *src = dxp + levi__dw_row_at(f, ih + g.pad_top) + g.pad_left;
                         float *dst = dx + (int64_t)ih * W;
                         LEVI__OMP_SIMD
                         for (int iw = 0; iw < W; iw++) dst[iw] += src[iw];
