@@ -9,8 +9,9 @@
  * does not depend on the checkpoint's file format.
  * Not for: image decoding, resizing or normalisation (the caller feeds normalised float
  * images; the TF Lite models were trained on (pixel - 127) / 128 for pixels in 0..255), other
- * EfficientNet sizes, dropout or drop-connect (never applied), frozen-statistics fine-tuning
- * (training mode always normalises with batch statistics, as PyTorch's model.train()).
+ * EfficientNet sizes, dropout or drop-connect (never applied). Training mode normalises with
+ * batch statistics, as PyTorch's model.train(), except below the trainable part when
+ * levi_effnet_freeze_bn_stats is on.
  *
  * The architecture (EfficientNet-B0 without squeeze-excitation, ReLU6 instead of swish, stem
  * and head not scaled): stem 3x3/2 conv 32 + BN + ReLU6; 16 MBConv blocks in 7 groups
@@ -81,6 +82,19 @@ int levi_effnet_stage_first_block(int s);
  * head and classifier train. 0 freezes the stem only. Unfreeze everything with
  * levi_params_set_trainable(levi_effnet_params(m), "", 1). */
 void levi_effnet_freeze_below(levi_effnet *m, int first_trainable_block);
+
+/* on = 1: in training-mode forwards, the batch norms of the units below the lowest trainable
+ * tensor (the stem and the blocks levi_effnet_freeze_below froze) normalise with their running
+ * statistics and do not update them, so a half-tuned (HT) backbone's frozen part stays exactly
+ * the pre-trained function. Units from the lowest trainable one up use batch statistics.
+ * Default 0 (every BN uses batch statistics in training mode, as PyTorch's model.train()). */
+void levi_effnet_freeze_bn_stats(levi_effnet *m, int on);
+
+/* The weight of a training-mode batch in the running statistics: running = (1 - momentum)
+ * running + momentum batch (PyTorch's convention; default 0.01, the checkpoint's TF 0.99).
+ * Setting 1/k before the k-th of a series of training-mode forwards makes the running
+ * statistics the plain average of the series' batch statistics ("precise BN"). */
+void levi_effnet_set_bn_momentum(levi_effnet *m, float momentum);
 
 typedef enum {
     LEVI_EFFNET_INFER = 0, /* BN running statistics; saves nothing for backward */

@@ -9,8 +9,8 @@
  * prediction = mean of their softmax probabilities), LP (linear probe on the head's pooled
  * feature), SMALL (the CNN with one MLP head, A4-like) and A3 (stage adapters without the
  * CNN); (4) SGD training with early stopping and learning-rate selection on ID validation.
- * Not for: fine-tuning the backbone, data loading or corruption (images.h does both), file
- * formats of results, printing (progress goes to callbacks).
+ * Not for: fine-tuning the backbone (vision_ft.h), data loading or corruption (images.h does both),
+ * file formats of results, printing (progress goes to callbacks).
  *
  * Feature cache layout: <root>/<first 16 hex of key>/chunk-NNNNN.safetensors, each holding
  * "features" [rows, total_dim] F16 (the chosen stages' pooled features side by side, stage
@@ -102,6 +102,12 @@ void levi_vision_feats_free(levi_vision_feats *f); /* frees data, zeroes *f; NUL
 typedef struct levi_vision_extractor levi_vision_extractor;
 levi_status levi_vision_extractor_open(levi_vision_extractor **out, const char *pth_path,
                                        levi_error *err);
+/* An extractor over a backbone already in memory (e.g. a fine-tuned one), borrowed: it must
+ * outlive the extractor and is not freed by close. id_sha (64 hex) stands for the checkpoint's
+ * SHA-256 in cache keys: give the SHA-256 of a file holding exactly these weights, so that
+ * different weights never share a cache entry. LEVI_ERR_ARG for a malformed id. */
+levi_status levi_vision_extractor_open_model(levi_vision_extractor **out, levi_effnet *model,
+                                             const char *id_sha, levi_error *err);
 void levi_vision_extractor_close(levi_vision_extractor *x);
 /* SHA-256 of the checkpoint file (64 hex). */
 const char *levi_vision_extractor_checkpoint_sha(const levi_vision_extractor *x);

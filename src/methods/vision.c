@@ -43,6 +43,7 @@ struct levi_vision_extractor {
     char path[4096];
     char sha[65];
     levi_effnet *model; /* loaded on first need */
+    int borrowed;       /* model belongs to the caller (levi_vision_extractor_open_model) */
 };
 
 levi_status levi_vision_extractor_open(levi_vision_extractor **out, const char *pth_path,
@@ -63,9 +64,27 @@ levi_status levi_vision_extractor_open(levi_vision_extractor **out, const char *
     return LEVI_OK;
 }
 
+levi_status levi_vision_extractor_open_model(levi_vision_extractor **out, levi_effnet *model,
+                                             const char *id_sha, levi_error *err) {
+    LEVI_ASSERT(out && model && id_sha, "extractor_open_model needs out, a model and an id");
+    *out = NULL;
+    size_t n = strlen(id_sha);
+    if (n != 64 || strspn(id_sha, "0123456789abcdef") != 64)
+        return levi_errorf(err, LEVI_ERR_ARG,
+                           "backbone id '%s': expected 64 lowercase hex digits (a SHA-256)",
+                           id_sha);
+    levi_vision_extractor *x = levi_xcalloc(1, sizeof *x);
+    snprintf(x->path, sizeof x->path, "(in-memory backbone %.16s)", id_sha);
+    memcpy(x->sha, id_sha, 65);
+    x->model = model;
+    x->borrowed = 1;
+    *out = x;
+    return LEVI_OK;
+}
+
 void levi_vision_extractor_close(levi_vision_extractor *x) {
     if (!x) return;
-    levi_effnet_free(x->model);
+    if (!x->borrowed) levi_effnet_free(x->model);
     levi_free(x);
 }
 

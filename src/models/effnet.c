@@ -71,7 +71,9 @@ struct levi_effnet {
     effnet_cbn stem, head, exp[LEVI_EFFNET_BLOCKS], dw[LEVI_EFFNET_BLOCKS],
         proj[LEVI_EFFNET_BLOCKS];
     int fc_w, fc_b;
-    int *unit; /* [params.count]: 0 stem, 1 + b block b, 17 head, 18 classifier */
+    int *unit;           /* [params.count]: 0 stem, 1 + b block b, 17 head, 18 classifier */
+    int frozen_bn_stats; /* levi_effnet_freeze_bn_stats */
+    float bn_momentum;   /* levi_effnet_set_bn_momentum; EFFNET_BN_MOMENTUM */
 
     levi_arena *arena[2];
     /* last forward */
@@ -196,6 +198,7 @@ static levi_effnet *effnet_register(void) {
     levi_effnet *m = levi_xcalloc(1, sizeof *m);
     levi_params_init(&m->params);
     levi_params_init(&m->buffers);
+    m->bn_momentum = EFFNET_BN_MOMENTUM;
     effnet_specs(m->spec);
     m->stem = effnet_register_cbn(m, "_conv_stem.weight", EFFNET_STEM, 3, 3, "_bn0");
     char conv[LEVI_NAME_MAX], bn[LEVI_NAME_MAX];
@@ -287,6 +290,24 @@ void levi_effnet_freeze_below(levi_effnet *m, int first) {
         snprintf(prefix, sizeof prefix, "_blocks.%d.", b); // the dot: block 1 is not 10..15
         levi_params_set_trainable(&m->params, prefix, 0);
     }
+}
+
+void levi_effnet_freeze_bn_stats(levi_effnet *m, int on) {
+    LEVI_ASSERT(m != NULL, "NULL effnet");
+    m->frozen_bn_stats = on != 0;
+}
+
+void levi_effnet_set_bn_momentum(levi_effnet *m, float momentum) {
+    LEVI_ASSERT(m != NULL && momentum >= 0 && momentum <= 1, "BN momentum in [0, 1]");
+    m->bn_momentum = momentum;
+}
+
+/* The lowest unit (0 stem .. 18 classifier) holding a trainable tensor; 19 when none. */
+static int effnet_lowest_trainable(const levi_effnet *m) {
+    int lowest = EFFNET_UNIT_FC + 1;
+    for (int i = 0; i < m->params.count; i++)
+        if (m->params.items[i].trainable && m->unit[i] < lowest) lowest = m->unit[i];
+    return lowest;
 }
 
 /* ----------------------------------------------------------------------------------------
@@ -419,8 +440,7 @@ static void effnet_bn(levi_effnet *m, const effnet_cbn *u, float *out, float *me
     LEVI_ASSERT(N <= INT_MAX, "batch-norm channel too long");
     levi_batchnorm_forward(out, mean, rstd, levi_params_data(&m->buffers, u->rm),
                            levi_params_data(&m->buffers, u->rv), pre, effnet_w(m, u->w),
-                           effnet_w(m, u->b), 1, C, (int)N, EFFNET_BN_EPS, EFFNET_BN_MOMENTUM,
-                           train);
+                           effnet_w(m, u->b), 1, C, (int)N, EFFNET_BN_EPS, m->bn_momentum, train);
     if (relu) levi_relu6_forward(out, out, (int64_t)C * N);
 }
 
@@ -488,14 +508,18 @@ levi_status levi_effnet_forward(levi_effnet *m, const float *x, int B, int H, in
             memcpy(m->x + ((size_t)c * B + n) * HW, x + ((size_t)n * 3 + c) * HW,
                    HW * sizeof(float));
     const effnet_dims *d = &m->dims;
+    /* Units below the lowest trainable one normalise with their running statistics and keep
+       them when frozen_bn_stats is set; backward never reaches them, so nothing else changes. */
+    const int bn_from = train && m->frozen_bn_stats ? effnet_lowest_trainable(m) : 0;
     const levi_conv_geom gs = levi_conv_geom_same(H, W, 3, 2, 1, 1);
     levi_gconv2d_forward(m->s_pre, m->col, m->x, effnet_w(m, m->stem.conv), NULL, B, 3, H, W,
                          EFFNET_STEM, gs);
     const int64_t Ns = (int64_t)B * d->sh * d->sw;
-    effnet_bn(m, &m->stem, m->s, m->s_mean, m->s_rstd, m->s_pre, EFFNET_STEM, Ns, train, 1);
+    effnet_bn(m, &m->stem, m->s, m->s_mean, m->s_rstd, m->s_pre, EFFNET_STEM, Ns,
+              train && bn_from <= 0, 1);
     const float *in = m->s;
     for (int b = 0; b < LEVI_EFFNET_BLOCKS; b++) {
-        effnet_block_forward(m, b, in, train);
+        effnet_block_forward(m, b, in, train && bn_from <= 1 + b);
         in = m->acts[b].y;
         const effnet_spec *s = &m->spec[b];
         if (s->stage_last)
@@ -506,7 +530,8 @@ levi_status levi_effnet_forward(levi_effnet *m, const float *x, int B, int H, in
     const int64_t Ph = (int64_t)d->oh[L] * d->ow[L];
     levi_gconv2d_forward(m->h_pre, NULL, in, effnet_w(m, m->head.conv), NULL, B, 320, d->oh[L],
                          d->ow[L], EFFNET_HEAD, effnet_pointwise());
-    effnet_bn(m, &m->head, m->h, m->h_mean, m->h_rstd, m->h_pre, EFFNET_HEAD, B * Ph, train, 1);
+    effnet_bn(m, &m->head, m->h, m->h_mean, m->h_rstd, m->h_pre, EFFNET_HEAD, B * Ph,
+              train && bn_from <= EFFNET_UNIT_HEAD, 1);
     levi_avgpool_global_forward(m->pooled[LEVI_EFFNET_STAGES - 1], m->h, B, EFFNET_HEAD, Ph, 1);
     if (m->has_logits)
         levi_linear_forward(m->logits, m->pooled[LEVI_EFFNET_STAGES - 1], effnet_w(m, m->fc_w),
@@ -616,9 +641,7 @@ void levi_effnet_backward(levi_effnet *m, const float *const *d_pooled, const fl
     int top = d_logits ? LEVI_EFFNET_STAGES - 1 : -1;
     for (int st = 0; st < LEVI_EFFNET_STAGES; st++)
         if ((d_pooled && d_pooled[st]) || (d_maps && d_maps[st])) top = st > top ? st : top;
-    int lowest = EFFNET_UNIT_FC + 1;
-    for (int i = 0; i < m->params.count; i++)
-        if (m->params.items[i].trainable && m->unit[i] < lowest) lowest = m->unit[i];
+    const int lowest = effnet_lowest_trainable(m);
     if (top < 0 || lowest > EFFNET_UNIT_FC) return;
     const effnet_dims *d = &m->dims;
     const int B = m->B, L = LEVI_EFFNET_BLOCKS - 1;
