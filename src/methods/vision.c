@@ -6,6 +6,8 @@
  */
 #include "levi/vision.h"
 
+#include "vision_internal.h"
+
 #include "levi/featcache.h"
 #include "levi/ops.h"
 #include "levi/optim.h"
@@ -981,6 +983,26 @@ static levi_status data_check(const levi_vision_model *m, const levi_vision_data
     return LEVI_OK;
 }
 
+int levi__vision_epoch_end(levi_vision_train_result *res, const levi_vision_train_params *tp,
+                           int epoch, int64_t steps, double loss_mean, double acc, int has_val,
+                           int *since_best) {
+    int is_best = !has_val || acc > res->best_val_acc;
+    res->epochs_run = epoch;
+    res->loss_history[res->n_history] = loss_mean;
+    res->val_history[res->n_history++] = acc;
+    if (is_best) {
+        res->best_val_acc = acc, res->best_epoch = epoch, *since_best = 0;
+    } else {
+        (*since_best)++;
+    }
+    if (tp->progress) {
+        levi_vision_progress pr = {tp->lr,    tp->seed, epoch, tp->max_epochs, steps, steps,
+                                   loss_mean, 1,        acc};
+        tp->progress(tp->progress_user, &pr);
+    }
+    return is_best;
+}
+
 levi_status levi_vision_train(levi_vision_model *m, const levi_vision_data *d, const int64_t *train,
                               int64_t n_train, const int64_t *val, int64_t n_val,
                               const levi_vision_train_params *tp, levi_vision_train_result *res,
@@ -1046,27 +1068,9 @@ levi_status levi_vision_train(levi_vision_model *m, const levi_vision_data *d, c
         }
         if (st != LEVI_OK || res->diverged) break;
         double acc = n_val > 0 ? levi_vision_accuracy(m, d, val, n_val) : 0.0;
-        res->epochs_run = epoch;
-        res->loss_history[res->n_history] = loss_sum / (double)(seen ? seen : 1);
-        res->val_history[res->n_history++] = acc;
-        if (n_val == 0 || acc > res->best_val_acc) {
-            res->best_val_acc = acc, res->best_epoch = epoch, since_best = 0;
+        if (levi__vision_epoch_end(res, tp, epoch, steps, loss_sum / (double)(seen ? seen : 1), acc,
+                                   n_val > 0, &since_best))
             memcpy(best, m->params.data, numel * sizeof(float));
-        } else {
-            since_best++;
-        }
-        if (tp->progress) {
-            levi_vision_progress pr = {tp->lr,
-                                       tp->seed,
-                                       epoch,
-                                       tp->max_epochs,
-                                       steps,
-                                       steps,
-                                       res->loss_history[res->n_history - 1],
-                                       1,
-                                       acc};
-            tp->progress(tp->progress_user, &pr);
-        }
         if (tp->patience > 0 && since_best >= tp->patience) break;
     }
     memcpy(m->params.data, best, numel * sizeof(float));

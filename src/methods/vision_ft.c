@@ -9,6 +9,7 @@
 #include "levi/ops.h"
 #include "levi/optim.h"
 #include "levi/safetensors.h"
+#include "vision_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -484,27 +485,9 @@ levi_status levi_vision_ft_train(levi_vision_ft_model *m, levi_vision_ft_mode mo
                           n_train < m->p.precise_bn_rows ? n_train : m->p.precise_bn_rows,
                           tp->batch_size);
         const double acc = n_val > 0 ? levi_vision_ft_accuracy(m, d, val, n_val) : 0.0;
-        res->epochs_run = epoch;
-        res->loss_history[res->n_history] = loss_sum / (double)(seen ? seen : 1);
-        res->val_history[res->n_history++] = acc;
-        if (n_val == 0 || acc > res->best_val_acc) {
-            res->best_val_acc = acc, res->best_epoch = epoch, since_best = 0;
+        if (levi__vision_epoch_end(res, tp, epoch, steps, loss_sum / (double)(seen ? seen : 1), acc,
+                                   n_val > 0, &since_best))
             levi_vision_ft_state_get(m, best);
-        } else {
-            since_best++;
-        }
-        if (tp->progress) {
-            levi_vision_progress pr = {tp->lr,
-                                       tp->seed,
-                                       epoch,
-                                       tp->max_epochs,
-                                       steps,
-                                       steps,
-                                       res->loss_history[res->n_history - 1],
-                                       1,
-                                       acc};
-            tp->progress(tp->progress_user, &pr);
-        }
         if (tp->patience > 0 && since_best >= tp->patience) break;
     }
     levi_vision_ft_state_set(m, best);
