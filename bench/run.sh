@@ -282,6 +282,13 @@ name[f]="EfficientNet-Lite0 train step, batch $f_batch at ${f_size}x$f_size (fwd
 # f loss0 to <= 1e-6 (1e-4), gnorm0 to <= 2e-4 (1e-3), and the change of the loss over one
 # SGD update to <= 0.15% (2%: a wrong gradient or update changes it far more; lr 0.03 instead
 # of 0.01 on one side moves it by 77%).
+# Case f's check of the loss change over one SGD update: 2% at the real shapes. The smoke
+# shape (batch 4) normalises with batch statistics over a handful of values, where float
+# rounding alone moved that change by 8.6% (sanitizer build, whose code sums in another
+# order); a wrong learning rate or gradient moves it by far more (tests/cli_bench.sh plants
+# lr 0.03 for 0.01).
+f_loss1_tol=0.02
+[[ $mode == smoke ]] && f_loss1_tol=0.25
 check_effnet() { # check_effnet CASE -> "ok|MISMATCH <what was compared, both values>"
     local c=$1 l=$tmp/$1.levi.1 t=$tmp/$1.torch.1
     if [[ $c == e ]]; then
@@ -299,7 +306,7 @@ check_effnet() { # check_effnet CASE -> "ok|MISMATCH <what was compared, both va
         awk -v gl="$(field gflop_per_step "$l")" -v gt="$(field gflop_per_step "$t")" \
             -v l0="$(field loss0 "$l")" -v t0="$(field loss0 "$t")" \
             -v ln="$(field gnorm0 "$l")" -v tn="$(field gnorm0 "$t")" \
-            -v l1="$(field loss1 "$l")" -v t1="$(field loss1 "$t")" '
+            -v l1="$(field loss1 "$l")" -v t1="$(field loss1 "$t")" -v tol1="$f_loss1_tol" '
             function abs(x) { return x < 0 ? -x : x }
             BEGIN {
                 r0 = abs(l0 - t0) / (abs(t0) + 1e-30); rn = abs(ln - tn) / (abs(tn) + 1e-30)
@@ -308,8 +315,8 @@ check_effnet() { # check_effnet CASE -> "ok|MISMATCH <what was compared, both va
                 if (l1 == "nan" || t1 == "nan") d = d ", loss1 not run (needs 2 steps)"
                 else {
                     dl = l1 - l0; dt = t1 - t0; r1 = abs(dl - dt) / (abs(dt) + 1e-30)
-                    ok = ok && r1 <= 0.02
-                    d = d sprintf(", loss1 - loss0 %.6g / %.6g (%.1e <= 2e-2)", dl, dt, r1)
+                    ok = ok && r1 <= tol1
+                    d = d sprintf(", loss1 - loss0 %.6g / %.6g (%.1e <= %g)", dl, dt, r1, tol1)
                 }
                 printf "%s %s, GFLOP/step %s / %s\n", ok ? "ok" : "MISMATCH", d, gl, gt
             }'
