@@ -983,6 +983,21 @@ static levi_status data_check(const levi_vision_model *m, const levi_vision_data
     return LEVI_OK;
 }
 
+levi_status levi__vision_train_check(const levi_vision_train_params *tp, int64_t n_train,
+                                     const char *what, levi_error *err) {
+    if (n_train < 2)
+        return levi_errorf(err, LEVI_ERR_ARG, "%s needs >= 2 rows, got %lld", what,
+                           (long long)n_train);
+    if (tp->batch_size < 2 || !(tp->lr > 0) || tp->max_epochs < 1 ||
+        tp->max_epochs > LEVI_VISION_MAX_EPOCHS || !(tp->momentum >= 0 && tp->momentum < 1))
+        return levi_errorf(err, LEVI_ERR_ARG,
+                           "train params: batch %d (>= 2), lr %g (> 0), epochs %d (1..%d), "
+                           "momentum %g ([0, 1))",
+                           tp->batch_size, (double)tp->lr, tp->max_epochs, LEVI_VISION_MAX_EPOCHS,
+                           (double)tp->momentum);
+    return LEVI_OK;
+}
+
 int levi__vision_epoch_end(levi_vision_train_result *res, const levi_vision_train_params *tp,
                            int epoch, int64_t steps, double loss_mean, double acc, int has_val,
                            int *since_best) {
@@ -1010,17 +1025,9 @@ levi_status levi_vision_train(levi_vision_model *m, const levi_vision_data *d, c
     levi_vision_train_result local;
     if (!res) res = &local;
     memset(res, 0, sizeof *res);
-    if (n_train < 2)
-        return levi_errorf(err, LEVI_ERR_ARG, "training needs >= 2 rows, got %lld",
-                           (long long)n_train);
-    if (tp->batch_size < 2 || !(tp->lr > 0) || tp->max_epochs < 1 ||
-        tp->max_epochs > LEVI_VISION_MAX_EPOCHS || !(tp->momentum >= 0 && tp->momentum < 1))
-        return levi_errorf(err, LEVI_ERR_ARG,
-                           "train params: batch %d (>= 2), lr %g (> 0), epochs %d (1..%d), "
-                           "momentum %g ([0, 1))",
-                           tp->batch_size, (double)tp->lr, tp->max_epochs, LEVI_VISION_MAX_EPOCHS,
-                           (double)tp->momentum);
-    levi_status st = data_check(m, d, train, n_train, "train rows", err);
+    levi_status st = levi__vision_train_check(tp, n_train, "training", err);
+    if (st != LEVI_OK) return st;
+    st = data_check(m, d, train, n_train, "train rows", err);
     if (st == LEVI_OK) st = data_check(m, d, val, n_val, "validation rows", err);
     if (st != LEVI_OK) return st;
     double t0 = levi_now();

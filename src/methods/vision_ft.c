@@ -406,16 +406,8 @@ levi_status levi_vision_ft_train(levi_vision_ft_model *m, levi_vision_ft_mode mo
     levi_vision_train_result local;
     if (!res) res = &local;
     memset(res, 0, sizeof *res);
-    if (n_train < 2)
-        return levi_errorf(err, LEVI_ERR_ARG, "fine-tuning needs >= 2 rows, got %lld",
-                           (long long)n_train);
-    if (tp->batch_size < 2 || !(tp->lr > 0) || tp->max_epochs < 1 ||
-        tp->max_epochs > LEVI_VISION_MAX_EPOCHS || !(tp->momentum >= 0 && tp->momentum < 1))
-        return levi_errorf(err, LEVI_ERR_ARG,
-                           "train params: batch %d (>= 2), lr %g (> 0), epochs %d (1..%d), "
-                           "momentum %g ([0, 1))",
-                           tp->batch_size, (double)tp->lr, tp->max_epochs, LEVI_VISION_MAX_EPOCHS,
-                           (double)tp->momentum);
+    levi_status chk = levi__vision_train_check(tp, n_train, "fine-tuning", err);
+    if (chk != LEVI_OK) return chk;
     if (!d->images || d->img_h < 1 || d->img_w < 1 || d->n_classes != m->p.n_classes || !d->labels)
         return levi_errorf(
             err, LEVI_ERR_SHAPE, "fine-tuning data: images %s (%dx%d), %d classes (model %d)",
