@@ -21,13 +21,6 @@ set -u
 levi=${1:?usage: cli_ensemble.sh <levi binary>}
 
 . "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
-
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
-out=$tmp/out
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 common=(movielens --data "$data" --model "$model" --subsample 200 --scale 0.5 --seeds 1
         --lrs 1e-3 --epochs 1 --threads 2)
 

@@ -12,13 +12,6 @@ set -u
 levi=${1:?usage: cli_finetune.sh <levi binary>}
 
 . "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
-
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
-out=$tmp/out
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 args=(movielens --data "$data" --model "$model" --out "$out" --methods lora,lp-ft,a4
       --subsample 200 --scale 0.5 --seeds 1 --lrs 1e-3,1e-2 --epochs 1 --threads 2)
 

@@ -17,13 +17,6 @@ levi=${1:?usage: cli_fit.sh <levi binary>}
 
 . "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
-out=$tmp/out
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-
 args=(fit movielens --subsample 3000 --epochs 2 --seeds 2 --lrs 1e-3 --methods levi,a4,bias
       --out "$out" --data "$data" --model "$model" --jobs 2)
 

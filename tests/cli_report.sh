@@ -19,11 +19,6 @@ if [ -z "$py" ]; then
     exit 77
 fi
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
-out=$tmp/out
-
 "$levi" fit movielens --subsample 300 --epochs 1 --seeds 1 --lrs 1e-3 --methods layers,levi,a4 \
     --out "$out" --data "$data" --model "$model" --jobs 2 >"$tmp/log" 2>&1
 rc=$?

@@ -28,13 +28,6 @@ set -u
 levi=${1:?usage: cli_tuned.sh <levi binary>}
 
 . "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
-
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-export LEVI_CACHE=$tmp/cache LEVI_PROGRESS=0
-out=$tmp/out
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 common=(movielens --data "$data" --model "$model" --subsample 200 --scale 0.5 --epochs 1
         --threads 2)
 args=("${common[@]}" --out "$out" --methods levi,levi-ft --seeds 2 --lrs 1e-3,1e-2)

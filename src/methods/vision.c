@@ -998,6 +998,14 @@ levi_status levi__vision_train_check(const levi_vision_train_params *tp, int64_t
     return LEVI_OK;
 }
 
+void levi__vision_step_progress(const levi_vision_train_params *tp, int epoch, int64_t step,
+                                int64_t steps, double loss_mean) {
+    if (!tp->progress) return;
+    levi_vision_progress pr = {tp->lr,    tp->seed, epoch, tp->max_epochs, step, steps,
+                               loss_mean, 0,        0};
+    tp->progress(tp->progress_user, &pr);
+}
+
 int levi__vision_epoch_end(levi_vision_train_result *res, const levi_vision_train_params *tp,
                            int epoch, int64_t steps, double loss_mean, double acc, int has_val,
                            int *since_best) {
@@ -1066,12 +1074,7 @@ levi_status levi_vision_train(levi_vision_model *m, const levi_vision_data *d, c
             }
             levi_optim_step(opt);
             loss_sum += loss * (double)B, seen += B;
-            if (tp->progress) {
-                levi_vision_progress pr = {
-                    tp->lr, tp->seed, epoch, tp->max_epochs, s + 1, steps, loss_sum / (double)seen,
-                    0,      0};
-                tp->progress(tp->progress_user, &pr);
-            }
+            levi__vision_step_progress(tp, epoch, s + 1, steps, loss_sum / (double)seen);
         }
         if (st != LEVI_OK || res->diverged) break;
         double acc = n_val > 0 ? levi_vision_accuracy(m, d, val, n_val) : 0.0;

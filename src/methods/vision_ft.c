@@ -464,12 +464,7 @@ levi_status levi_vision_ft_train(levi_vision_ft_model *m, levi_vision_ft_mode mo
             levi_optim_step(opt_b);
             levi_optim_step(opt_h);
             loss_sum += loss * (double)B, seen += B;
-            if (tp->progress) {
-                levi_vision_progress pr = {
-                    tp->lr, tp->seed, epoch, tp->max_epochs, s + 1, steps, loss_sum / (double)seen,
-                    0,      0};
-                tp->progress(tp->progress_user, &pr);
-            }
+            levi__vision_step_progress(tp, epoch, s + 1, steps, loss_sum / (double)seen);
         }
         if (st != LEVI_OK || res->diverged) break;
         if (m->p.precise_bn_rows > 0)

@@ -13,6 +13,10 @@ int levi__vision_epoch_end(levi_vision_train_result *res, const levi_vision_trai
                            int epoch, int64_t steps, double loss_mean, double acc, int has_val,
                            int *since_best);
 
+/* Reports progress after step `step` (1-based) of `steps` in an epoch, when tp asks for it. */
+void levi__vision_step_progress(const levi_vision_train_params *tp, int epoch, int64_t step,
+                                int64_t steps, double loss_mean);
+
 /* Checks what every vision trainer needs of its arguments: n_train >= 2 rows (`what`: the
  * trainer, for the message) and the training parameters in range. */
 levi_status levi__vision_train_check(const levi_vision_train_params *tp, int64_t n_train,
