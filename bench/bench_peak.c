@@ -2,7 +2,8 @@
  * benchmarks so "% of peak" compares against what this machine delivers now, not a datasheet.
  *
  * Two figures, at --threads T:
- *  - sgemm: C[512,512] = A[512,512] B[512,512] through levi_gemm (= OpenBLAS), best of --reps
+ *  - sgemm: C[512,512] = A[512,512] B[512,512] through levi_gemm (its back end, oneDNN or
+ *    OpenBLAS, is printed as gemm=), best of --reps
  *    calls after warmup; 2 * 512^3 FLOP per call. This is the denominator of run.sh's
  *    "% of peak": it is what a BLAS-bound workload can reach here.
  *  - fma: an FMA loop over 12 independent vector accumulators per thread (vector width as
@@ -99,12 +100,13 @@ int main(int argc, char **argv) {
     }
     const double fma_flop = (double)fma_threads * FMA_ITERS * FMA_ACC * 8 * 2;
     const double sgemm_gf = gemm_flop / best_gemm * 1e-9, fma_gf = fma_flop / best_fma * 1e-9;
-    printf("peak threads=%d: sgemm 512^3 via levi_gemm best %.2f ms = %.1f GFLOP/s; "
+    printf("peak threads=%d: sgemm 512^3 via levi_gemm (%s) best %.2f ms = %.1f GFLOP/s; "
            "fma loop (12 x 256-bit accumulators, %d thread%s) %.1f GFLOP/s\n",
-           threads, best_gemm * 1e3, sgemm_gf, fma_threads, fma_threads == 1 ? "" : "s", fma_gf);
+           threads, levi_gemm_backend(), best_gemm * 1e3, sgemm_gf, fma_threads,
+           fma_threads == 1 ? "" : "s", fma_gf);
     bench_result("peak", threads, "GFLOP/s", sgemm_gf, sgemm_gf, cpu_wall,
-                 " sgemm512_gflops=%.2f fma_gflops=%.2f fma_threads=%d", sgemm_gf, fma_gf,
-                 fma_threads);
+                 " sgemm512_gflops=%.2f fma_gflops=%.2f fma_threads=%d gemm=%s", sgemm_gf, fma_gf,
+                 fma_threads, levi_gemm_backend());
     levi_free(A), levi_free(B), levi_free(C);
     return 0;
 }

@@ -21,8 +21,8 @@
 #   logits' mean and mean |.|; f: the first loss, its gradient norm and the loss after one
 #   update) and the FLOPs per batch; this script compares them (tolerances at check_effnet)
 #   and fails (exit 1) when they disagree.
-# Peak: each round also runs bench_peak (SGEMM 512^3 through levi_gemm = OpenBLAS, and an FMA
-# loop) at the same thread count; "% peak" is GFLOP/s over the best SGEMM 512^3 of the run.
+# Peak: each round also runs bench_peak (SGEMM 512^3 through levi_gemm, whose back end is
+# oneDNN unless LEVI_GEMM=openblas or a build without it, and an FMA loop) at the same thread count; "% peak" is GFLOP/s over the best SGEMM 512^3 of the run.
 # Memory: ru_maxrss of each benchmark process (levi and PyTorch run in separate processes).
 # Not for: correctness (ctest), or building (cmake --build <dir>).
 #
@@ -266,6 +266,7 @@ maximum() { sort -g | tail -n1; }
 peak=$(values peak levi sgemm512_gflops | maximum)
 fma=$(values peak levi fma_gflops | maximum)
 fma_threads=$(values peak levi fma_threads | sed -n 1p)
+gemm=$(values peak levi gemm | sed -n 1p)
 
 declare -A name=(
     [a]="LEVI train step, cached features (6 adapters, batch 200, Adam)"
@@ -327,8 +328,8 @@ cpu=$(awk -F: '/model name/ { sub(/^ +/, "", $2); print $2; exit }' /proc/cpuinf
 blas=$(ldd "$build/bench_train" 2>/dev/null | awk '/openblas/ { print $3; exit }' || true)
 printf '\nlevi vs PyTorch: %s, %s threads, %s round(s), mode %s, %s\n' "${cpu:-unknown CPU}" "$threads" \
     "$rounds" "$mode" "$(date -u +%Y-%m-%dT%H:%MZ)"
-printf 'peak (measured in this run): SGEMM 512^3 via levi_gemm (OpenBLAS %s) %s GFLOP/s; FMA loop %s GFLOP/s (%s thread(s))\n' \
-    "${blas:-?}" "$peak" "$fma" "$fma_threads"
+printf 'peak (measured in this run): SGEMM 512^3 via levi_gemm (%s; OpenBLAS %s) %s GFLOP/s; FMA loop %s GFLOP/s (%s thread(s))\n' \
+    "${gemm:-?}" "${blas:-?}" "$peak" "$fma" "$fma_threads"
 if ((torch_ok)); then
     printf 'torch: %s via %s; case d: %s\n\n' "$torch_version" "$py" "${py_e2e:-skipped}"
 else
@@ -401,11 +402,11 @@ if [[ -n $json ]]; then
 {
   "schema": "levi-bench-v1",
   "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
-  "machine": {"cpu": "$(esc "${cpu:-unknown}")", "cores": $(nproc --all), "cores_usable": $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc), "openblas": "$(esc "${blas:-unknown}")"},
+  "machine": {"cpu": "$(esc "${cpu:-unknown}")", "cores": $(nproc --all), "cores_usable": $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc), "openblas": "$(esc "${blas:-unknown}")", "gemm": "$(esc "${gemm:-unknown}")"},
   "mode": "$mode", "threads": $threads, "rounds": $rounds,
   "omp_wait_policy": "${OMP_WAIT_POLICY:-default}",
   "torch": {"python": "$(esc "$py")", "version": "$(esc "${torch_version:-}")", "e2e_python": "$(esc "$py_e2e")"},
-  "peak": {"method": "SGEMM 512^3 through levi_gemm (OpenBLAS), best call of the run; FMA loop, best of the run",
+  "peak": {"method": "SGEMM 512^3 through levi_gemm (back end: machine.gemm), best call of the run; FMA loop, best of the run",
            "sgemm512_gflops": ${peak:-null}, "fma_gflops": ${fma:-null}, "fma_threads": ${fma_threads:-null}},
   "cases": {$json_cases}
 }

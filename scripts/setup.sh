@@ -31,7 +31,7 @@ done
 say() { printf '[setup] %s\n' "$*"; }
 
 # --- 1. Debian build dependencies ------------------------------------------------------
-apt_pkgs=(build-essential cmake pkg-config libopenblas-dev libcjson-dev libutf8proc-dev
+apt_pkgs=(build-essential cmake pkg-config libopenblas-dev libdnnl-dev libcjson-dev libutf8proc-dev
           libcmocka-dev libssl-dev libzip-dev zlib1g-dev libjpeg-dev dataset-fashion-mnist
           unzip python3-pip)
 if [ "$do_apt" = 1 ]; then

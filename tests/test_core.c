@@ -4,8 +4,10 @@
 #include "testutil.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 static void test_errors(void **state) {
@@ -102,20 +104,113 @@ static void test_rng(void **state) {
     assert_true(moved > 25);
 }
 
-static void test_gemm(void **state) {
-    (void)state;
+static void gemm_check(int M, int N, int K, int LD) {
     levi_rng r;
     levi_rng_seed(&r, 1);
-    enum { M = 37, N = 29, K = 41, LD = 50 };
-    static float A[LD * LD], B[LD * LD], C1[LD * LD], C2[LD * LD];
-    for (int i = 0; i < LD * LD; i++) A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
+    size_t n = (size_t)LD * LD;
+    float *A = malloc(n * 4), *B = malloc(n * 4), *C1 = malloc(n * 4), *C2 = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {
-            for (int i = 0; i < LD * LD; i++) C1[i] = C2[i] = (float)(i % 7);
+            for (size_t i = 0; i < n; i++) C1[i] = C2[i] = (float)(i % 7);
             levi_gemm(ta, tb, M, N, K, 0.5f, A, LD, B, LD, 2.0f, C1, LD);
             levi_gemm_ref(ta, tb, M, N, K, 0.5f, A, LD, B, LD, 2.0f, C2, LD);
-            assert_true(levi_test_max_abs_diff(C1, C2, LD * LD) < 1e-4);
+            /* outside the M x N block C stays as it was */
+            assert_true(levi_test_max_abs_diff(C1, C2, (int)n) < 1e-4f * (1 + K / 64));
         }
+    free(A), free(B), free(C1), free(C2);
+}
+
+/* Both back ends, below and above the size where oneDNN takes over, every transpose. */
+static void test_gemm(void **state) {
+    (void)state;
+    levi_error err = {0};
+    const char *names[] = {"openblas", "onednn"};
+    for (int b = 0; b < 2; b++) {
+        if (levi_set_gemm_backend(names[b], &err) != LEVI_OK) {
+            printf("# GEMM back end %s skipped: %s\n", names[b], err.msg);
+            continue;
+        }
+        assert_string_equal(levi_gemm_backend(), names[b]);
+        gemm_check(37, 29, 41, 50);   /* 44k multiply-adds: OpenBLAS either way */
+        gemm_check(70, 65, 130, 140); /* 591k: oneDNN when chosen */
+        gemm_check(3, 200, 1000, 1000);
+    }
+    assert_int_equal(levi_set_gemm_backend("mkl", &err), LEVI_ERR_ARG);
+    assert_non_null(strstr(err.msg, "mkl"));
+    levi_set_gemm_backend(NULL, &err);
+    assert_string_equal(levi_gemm_backend(), "openblas");
+    levi_set_gemm_backend("onednn", &err);
+}
+
+/* Training is deterministic for a seed and thread count; the large-GEMM back end must not
+ * depend on anything else (timing, call order): two calls give the same bits. */
+static void test_gemm_repeatable(void **state) {
+    (void)state;
+    enum { M = 256, N = 384, K = 1024 };
+    levi_rng r;
+    levi_rng_seed(&r, 2);
+    float *A = malloc((size_t)M * K * 4), *B = malloc((size_t)K * N * 4);
+    float *C1 = malloc((size_t)K * N * 4), *C2 = malloc((size_t)K * N * 4); /* K > M */
+    for (int i = 0; i < M * K; i++) A[i] = levi_rng_normal(&r);
+    for (int i = 0; i < K * N; i++) B[i] = levi_rng_normal(&r);
+    for (int t = 1; t <= 2; t++) {
+        levi_set_num_threads(t);
+        /* a weight-gradient shape: A^T B with the long side inside */
+        levi_gemm(1, 0, K, N, M, 1.0f, A, K, B, N, 0.0f, C1, N);
+        levi_gemm(1, 0, K, N, M, 1.0f, A, K, B, N, 0.0f, C2, N);
+        assert_memory_equal(C1, C2, (size_t)K * N * 4);
+        levi_gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C1, N);
+        levi_gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C2, N);
+        assert_memory_equal(C1, C2, (size_t)M * N * 4);
+    }
+    levi_set_num_threads(1);
+    free(A), free(B), free(C1), free(C2);
+}
+
+/* Signals during large GEMMs: oneDNN 2.x's sgemm kernels move the stack pointer into the heap,
+ * so a handler run on the interrupted stack corrupts the heap (glibc aborts within ~0.1 s
+ * under this load). Handlers installed with levi_signal_handler run on an alternate stack
+ * and levi's other threads block the signal: thousands of signals, no damage, same results. */
+static volatile sig_atomic_t g_alarms;
+static void on_alarm(int sig) {
+    (void)sig;
+    g_alarms++;
+}
+
+static void test_signals_during_gemm(void **state) {
+    (void)state;
+    enum { M = 200, N = 512, K = 192 };
+    levi_error err;
+    if (levi_signal_handler(SIGALRM, on_alarm, &err) != LEVI_OK) fail_msg("%s", err.msg);
+    levi_rng r;
+    levi_rng_seed(&r, 3);
+    float *A = malloc((size_t)M * K * 4), *B = malloc((size_t)K * N * 4);
+    float *ref = malloc((size_t)M * N * 4), *C = malloc((size_t)M * N * 4);
+    for (int i = 0; i < M * K; i++) A[i] = levi_rng_normal(&r);
+    for (int i = 0; i < K * N; i++) B[i] = levi_rng_normal(&r);
+    for (int t = 1; t <= 2; t++) {
+        levi_set_num_threads(t);
+        levi_gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, ref, N);
+        struct itimerval it = {{0, 100}, {0, 100}}, off = {{0, 0}, {0, 0}};
+        g_alarms = 0;
+        setitimer(ITIMER_REAL, &it, NULL);
+        int wrong = 0;
+        double t0 = levi_now();
+        while (levi_now() - t0 < 0.4) {
+            levi_gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N);
+            wrong += memcmp(C, ref, (size_t)M * N * 4) != 0;
+            free(malloc(1000 + (size_t)(g_alarms % 4000))); /* lets glibc notice damage */
+        }
+        setitimer(ITIMER_REAL, &off, NULL);
+        printf("  %d thread(s): %d signals during GEMMs, %d wrong results\n", t, (int)g_alarms,
+               wrong);
+        assert_int_equal(wrong, 0);
+        assert_true(g_alarms > 100);
+    }
+    signal(SIGALRM, SIG_IGN);
+    levi_set_num_threads(1);
+    free(A), free(B), free(ref), free(C);
 }
 
 static void test_files_and_sha(void **state) {
@@ -152,9 +247,14 @@ static void test_files_and_sha(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_errors),        cmocka_unit_test(test_sizes),
-        cmocka_unit_test(test_arena),         cmocka_unit_test(test_params),
-        cmocka_unit_test(test_rng),           cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_sizes),
+        cmocka_unit_test(test_arena),
+        cmocka_unit_test(test_params),
+        cmocka_unit_test(test_rng),
+        cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_gemm_repeatable),
+        cmocka_unit_test(test_signals_during_gemm),
         cmocka_unit_test(test_files_and_sha),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

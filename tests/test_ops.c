@@ -398,6 +398,23 @@ static void test_gelu(void **state) {
     levi_gelu_backward(acc, x, d, n);
     levi_gelu_backward_inplace(inplace, x, n);
     EXPECT_LE(max_norm_err(inplace, acc, n), 0.0, "gelu in-place backward vs accumulating");
+    // Bias + GELU in one pass: bit-identical to adding the bias, then levi_gelu_forward,
+    // both out of place (pre keeps the input) and in place; widths with and without a tail.
+    const int widths[3] = {1536, 37, 5};
+    for (int wi = 0; wi < 3; wi++) {
+        const int rows = 70, cols = widths[wi];
+        const int64_t m = (int64_t)rows * cols;
+        float *bias = rand_normal(&r, cols, 1.0f), *pre = copy_f(x, m), *want = alloc_f(m);
+        float *out = alloc_f(m), *same = copy_f(x, m);
+        for (int64_t i = 0; i < m; i++) want[i] = x[i] + bias[i % cols];
+        levi_bias_gelu_forward(out, pre, bias, rows, cols);
+        levi_bias_gelu_forward(same, same, bias, rows, cols);
+        assert_memory_equal(pre, want, (size_t)m * sizeof(float));
+        levi_gelu_forward(want, want, m);
+        assert_memory_equal(out, want, (size_t)m * sizeof(float));
+        assert_memory_equal(same, want, (size_t)m * sizeof(float));
+        levi_free(bias), levi_free(pre), levi_free(want), levi_free(out), levi_free(same);
+    }
     levi_free(x);
     levi_free(y);
     levi_free(g);
@@ -759,6 +776,27 @@ static void test_attention_forward(void **state) {
             levi_attention_forward(out2, NULL, NULL, x->q, x->k, x->v, x->mask, x->p, NULL,
                                    x->scratch, x->scratch_floats);
             assert_memory_equal(out2, x->out, (size_t)(N * x->p.ldo) * sizeof(float));
+            // Inference with a q|k|v bias read along equals adding it to the rows first.
+            levi_rng br;
+            levi_rng_seed(&br, TEST_SEED(31 + t));
+            float *bias = rand_normal(&br, 3 * D, 1.0f), *qkvb = alloc_f(N * 3 * D);
+            const float *src[3] = {x->q, x->k, x->v};
+            const int ld[3] = {x->p.ldq, x->p.ldk, x->p.ldv};
+            for (int64_t row = 0; row < N; row++)
+                for (int q = 0; q < 3; q++)
+                    for (int d = 0; d < D; d++)
+                        qkvb[row * 3 * D + q * D + d] = src[q][row * ld[q] + d] + bias[q * D + d];
+            levi_attention_params pb = x->p, pa = x->p;
+            pb.ldq = pb.ldk = pb.ldv = 3 * D;
+            pa.bias = bias;
+            levi_attention_forward(out2, NULL, NULL, qkvb, qkvb + D, qkvb + 2 * D, x->mask, pb,
+                                   NULL, x->scratch, x->scratch_floats);
+            float *out3 = copy_f(x->out, N * x->p.ldo);
+            levi_attention_forward(out3, NULL, NULL, x->q, x->k, x->v, x->mask, pa, NULL,
+                                   x->scratch, x->scratch_floats);
+            assert_memory_equal(out3, out2, (size_t)(N * x->p.ldo) * sizeof(float));
+            attn_expect_gaps(out3, x->p.ldo, D, N);
+            levi_free(bias), levi_free(qkvb), levi_free(out3);
             levi_free(out2);
         }
         // Both layouts compute the same numbers, bit for bit.

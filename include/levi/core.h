@@ -51,9 +51,9 @@ const char *levi_status_name(levi_status st);
 
 /* Always-on assert for programmer misuse (never for bad input): prints file:line, the
  * condition and a hint, then aborts. */
-#define LEVI_ASSERT(cond, hint)                                                                \
-    do {                                                                                       \
-        if (!(cond)) levi__assert_fail(__FILE__, __LINE__, #cond, hint);                       \
+#define LEVI_ASSERT(cond, hint)                                                                    \
+    do {                                                                                           \
+        if (!(cond)) levi__assert_fail(__FILE__, __LINE__, #cond, hint);                           \
     } while (0)
 void levi__assert_fail(const char *file, int line, const char *cond, const char *hint)
     __attribute__((noreturn));
@@ -130,7 +130,7 @@ void levi_params_init(levi_params *p);
 void levi_params_free(levi_params *p); /* frees the table and both buffers */
 /* Registers a tensor; returns its index. Asserts before alloc and on duplicate names. */
 int levi_params_add(levi_params *p, const char *name, int ndim, const int64_t *shape);
-void levi_params_alloc(levi_params *p); /* data and grad, zero-filled */
+void levi_params_alloc(levi_params *p);                       /* data and grad, zero-filled */
 int levi_params_find(const levi_params *p, const char *name); /* index or -1 */
 float *levi_params_data(const levi_params *p, int index);
 float *levi_params_grad(const levi_params *p, int index);
@@ -157,16 +157,32 @@ void levi_rng_shuffle_i64(levi_rng *r, int64_t *a, int64_t n);
 levi_rng levi_rng_split(levi_rng *r);
 
 /* ---------------------------------------------------------------------------------------
- * Threads. One knob for OpenMP and OpenBLAS so they do not oversubscribe the cores. */
-void levi_set_num_threads(int n); /* n <= 0: all available cores */
+ * Threads. One knob for OpenMP, OpenBLAS and oneDNN so they do not oversubscribe the cores.
+ * levi's OpenMP threads other than the caller block asynchronous signals (see below). */
+void levi_set_num_threads(int n); /* n <= 0: OMP_NUM_THREADS, else all available cores */
 int levi_get_num_threads(void);
+
+/* ---------------------------------------------------------------------------------------
+ * Signal handlers. oneDNN 2.x's JIT sgemm kernels point the stack register into the heap
+ * while they run (oneDNN issue 4845, fixed in 3.11): a handler run on the interrupted stack
+ * there writes its frame over heap memory. levi_signal_handler installs fn for sig (no
+ * SA_RESTART) to run on an alternate signal stack, allocated once for the calling thread,
+ * which must be the one that calls levi_set_num_threads; with levi's other threads blocking
+ * asynchronous signals, every handler runs there. A program that links levi and installs
+ * handlers itself must use SA_ONSTACK with a sigaltstack in the same way. */
+levi_status levi_signal_handler(int sig, void (*fn)(int), levi_error *err);
 
 /* ---------------------------------------------------------------------------------------
  * GEMM, row-major: C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C.
  * op(X) = X^T when trans_x is nonzero. lda/ldb/ldc are row strides of the stored matrices.
- * levi_gemm goes through OpenBLAS; levi_gemm_ref is the naive loop kept for tests. */
-void levi_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-               int lda, const float *B, int ldb, float beta, float *C, int ldc);
+ * levi_gemm goes through oneDNN's sgemm for large products and OpenBLAS for small ones (or
+ * OpenBLAS only: the build option LEVI_ONEDNN=OFF, the environment variable LEVI_GEMM=openblas
+ * read at the first GEMM, or levi_set_gemm_backend); results depend on the shape, the thread
+ * count and the back end, nothing else. levi_gemm_ref is the naive loop kept for tests. */
+levi_status levi_set_gemm_backend(const char *name, levi_error *err); /* "onednn", "openblas" */
+const char *levi_gemm_backend(void);
+void levi_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc);
 void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
@@ -174,8 +190,7 @@ void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, c
  * Files. Atomic write: data goes to "<path>.tmp.<pid>", is fsynced, then renamed over path.
  * levi_read_file reads a whole file (NUL-terminated for convenience; *len excludes the NUL).
  * SHA-256 of a buffer or file, as 64 lowercase hex characters plus NUL. */
-levi_status levi_write_file_atomic(const char *path, const void *data, size_t len,
-                                   levi_error *err);
+levi_status levi_write_file_atomic(const char *path, const void *data, size_t len, levi_error *err);
 levi_status levi_read_file(const char *path, char **out, size_t *len, levi_error *err);
 void levi_sha256_hex(const void *data, size_t len, char out_hex[65]);
 levi_status levi_sha256_file(const char *path, char out_hex[65], levi_error *err);

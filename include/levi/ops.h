@@ -58,6 +58,11 @@ void levi_layernorm_backward(float *dinp, float *dw, float *db, const float *dou
  * (out == inp) is allowed. Phi comes from polynomial approximations of erfc (Abramowitz &
  * Stegun 7.1.28 forward, 7.1.26 backward): within 3e-7 (|x| + 1) of the exact function. */
 void levi_gelu_forward(float *out, const float *inp, int64_t n);
+/* Bias and GELU in one pass over a [rows, cols] matrix (a GEMM's output, computed without
+ * its bias): pre[r, c] += bias[c], then out = gelu(pre). out == pre (inference) is allowed;
+ * otherwise pre keeps the GELU input for levi_gelu_backward. Bit-identical to adding the bias
+ * and calling levi_gelu_forward. */
+void levi_bias_gelu_forward(float *out, float *pre, const float *bias, int64_t rows, int cols);
 /* dinp[n] += dout[n] * gelu'(inp[n]). */
 void levi_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n);
 /* The same gradient in place, for a caller that owns the gradient buffer:
@@ -108,6 +113,9 @@ typedef struct levi_attention_params {
     int ldq, ldk, ldv, ldo; /* row strides in floats (>= NH*HD) */
     float scale;            /* score scale, usually 1/sqrt(HD) */
     float dropout;          /* drop probability on the attention probabilities; 0: none */
+    /* NULL, or the biases of q | k | v ([3 * NH*HD]), added to the rows as they are read, so
+     * the projection GEMM before needs no bias pass. Inference only (no probs, no dropout). */
+    const float *bias;
 } levi_attention_params;
 
 /* Contiguous rows (every stride NH*HD), scale 1/sqrt(HD), no dropout. */

@@ -1402,12 +1402,9 @@ static void on_worker_signal(int sig) {
 
 /* The worker process: one run, one thread, output to the pipes. Never returns. */
 static void worker_main(fit_sched *s, fit_job *j, const int out[3]) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_worker_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    levi_error serr;
+    levi_signal_handler(SIGINT, on_worker_signal, &serr); /* the parent's stack: cannot fail */
+    levi_signal_handler(SIGTERM, on_worker_signal, &serr);
     signal(SIGPIPE, SIG_IGN);
 #ifdef __linux__
     /* A parent killed outright (SIGKILL) takes its workers along, each at a safe point. */

@@ -31,13 +31,12 @@ static void on_signal(int sig) {
 }
 
 static void install_signal_handlers(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    /* No SA_RESTART: a blocking read should return so the loop notices the flag. */
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
+    /* No SA_RESTART: a blocking read should return so the loop notices the flag. On an
+     * alternate stack: see levi_signal_handler. */
+    levi_error err;
+    if (levi_signal_handler(SIGINT, on_signal, &err) != LEVI_OK ||
+        levi_signal_handler(SIGTERM, on_signal, &err) != LEVI_OK)
+        fprintf(stderr, "levi: warning: %s; Ctrl-C will not save state\n", err.msg);
 }
 
 static void print_usage(FILE *f) {
@@ -148,6 +147,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < N_COMMANDS; i++) {
         if (strcmp(cmd, commands[i].name) == 0) {
             install_signal_handlers();
+            levi_set_num_threads(0); /* the default team, its threads blocking signals */
             /* Subcommands see argv[0] = their own name, like getopt-style tools expect. */
             return commands[i].run(argc - 1, argv + 1);
         }

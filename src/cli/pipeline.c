@@ -737,6 +737,9 @@ cJSON *fit_results_header(const fit_config *cfg, const fit_context *ctx, const c
 #else
     cJSON_AddStringToObject(r, "levi_version", "0.1.0");
 #endif
+    /* Results are deterministic for a seed, a thread count and this back end; another back end
+     * rounds differently (a saved run is still reused: its config does not name it). */
+    cJSON_AddStringToObject(r, "gemm", levi_gemm_backend());
     char when[64];
     time_t now = time(NULL);
     struct tm tm;

@@ -356,6 +356,26 @@ void levi_gelu_forward(float *out, const float *inp, int64_t n) {
     }
 }
 
+void levi_bias_gelu_forward(float *out, float *pre, const float *bias, int64_t rows, int cols) {
+    LEVI__OMP_FOR_IF(rows * cols > LEVI__PAR_MATH)
+    for (int64_t r = 0; r < rows; r++) {
+        float *p = pre + r * cols, *o = out + r * cols;
+        int c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            const levi__v8 x = LEVI__LD(p + c) + LEVI__LD(bias + c);
+            if (o != p) LEVI__ST(p + c, x);
+            LEVI__ST(o + c, levi__gelu8(x));
+        }
+        if (c < cols) { // the tail through a padded vector, as levi_gelu_forward does
+            float t[8] = {0};
+            for (int q = 0; q < cols - c; q++) t[q] = p[c + q] + bias[c + q];
+            memcpy(p + c, t, (size_t)(cols - c) * sizeof(float));
+            const levi__v8 y = levi__gelu8(LEVI__LD(t));
+            memcpy(o + c, &y, (size_t)(cols - c) * sizeof(float));
+        }
+    }
+}
+
 void levi_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n) {
     if (!dinp) return;
     LEVI__OMP_FOR_IF(n > LEVI__PAR_MATH)
@@ -540,6 +560,15 @@ static void levi__pack(float *T, int ldt, const float *X, int ldx, int M, int D)
         for (; d < D; d++) t[d] = x[d];
         for (; d < ldt; d++) t[d] = 0.0f;
     }
+}
+
+/* levi__pack of one row plus a bias: T[d] = X[d] + bias[d] for d < D, zero up to ldt. */
+static inline __attribute__((always_inline)) void
+levi__pack_row_bias(float *T, int ldt, const float *X, const float *bias, int D) {
+    int d = 0;
+    for (; d + 8 <= D; d += 8) LEVI__ST(T + d, LEVI__LD(X + d) + LEVI__LD(bias + d));
+    for (; d < D; d++) T[d] = X[d] + bias[d];
+    for (; d < ldt; d++) T[d] = 0.0f;
 }
 
 /* T[d, i] = X[i, d] for i < M, d < D (row strides ldx, ldt). 8 x 8 blocks go through vector
@@ -755,9 +784,10 @@ size_t levi_attention_scratch_floats(int S, int NH, int HD, int threads) {
 }
 
 levi_attention_params levi_attention_default_params(int B, int S, int NH, int HD) {
-    levi_attention_params p = {
-        B,   S, NH, HD, NH * HD, NH * HD, NH * HD, NH * HD, HD > 0 ? 1.0f / sqrtf((float)HD) : 1.0f,
-        0.0f};
+    levi_attention_params p = {B,       S,       NH,
+                               HD,      NH * HD, NH * HD,
+                               NH * HD, NH * HD, HD > 0 ? 1.0f / sqrtf((float)HD) : 1.0f,
+                               0.0f,    NULL};
     return p;
 }
 
@@ -819,14 +849,25 @@ static void levi__attn_seq(float *out, const float *q, const float *k, const flo
     const int nvalid = levi__key_masks(kbias, kmul, m, S);
     const size_t qstride = (size_t)S * HD8, kstride = (size_t)HD * kv8;
     const float scale2 = p->scale * LEVI__LOG2E; // scores in log2 units for the softmax
+    const float *bq = p->bias, *bk = bq ? bq + H : NULL, *bv = bq ? bq + 2 * H : NULL;
     for (int i = 0; i < S; i++) {
-        for (int h = 0; h < NH; h++)
-            levi__pack(qp + h * qstride + (size_t)i * HD8, HD8,
-                       q + (size_t)i * p->ldq + (size_t)h * HD, p->ldq, 1, HD);
+        for (int h = 0; h < NH; h++) {
+            float *t = qp + h * qstride + (size_t)i * HD8;
+            const float *x = q + (size_t)i * p->ldq + (size_t)h * HD;
+            if (bq)
+                levi__pack_row_bias(t, HD8, x, bq + (size_t)h * HD, HD);
+            else
+                levi__pack(t, HD8, x, p->ldq, 1, HD);
+        }
         if (i < kv)
-            for (int h = 0; h < NH; h++)
-                levi__pack(vp + h * qstride + (size_t)i * HD8, HD8,
-                           v + (size_t)i * p->ldv + (size_t)h * HD, p->ldv, 1, HD);
+            for (int h = 0; h < NH; h++) {
+                float *t = vp + h * qstride + (size_t)i * HD8;
+                const float *x = v + (size_t)i * p->ldv + (size_t)h * HD;
+                if (bv)
+                    levi__pack_row_bias(t, HD8, x, bv + (size_t)h * HD, HD);
+                else
+                    levi__pack(t, HD8, x, p->ldv, 1, HD);
+            }
     }
     for (int i0 = 0; i0 < kv; i0 += 8) {
         const int rows = kv - i0 < 8 ? kv - i0 : 8;
@@ -834,6 +875,13 @@ static void levi__attn_seq(float *out, const float *q, const float *k, const flo
             levi__transpose(kt + h * kstride + i0, kv8, k + (size_t)i0 * p->ldk + (size_t)h * HD,
                             p->ldk, rows, HD);
     }
+    if (bk) // row d of a head's K^T gets that feature's bias on every real key
+        for (int h = 0; h < NH; h++)
+            for (int d = 0; d < HD; d++) {
+                float *t = kt + h * kstride + (size_t)d * kv8;
+                const float b = bk[h * HD + d];
+                for (int j = 0; j < kv; j++) t[j] += b;
+            }
     for (int h = 0; h < NH; h++)
         for (int d = 0; d < HD; d++)
             for (int j = kv; j < kv8; j++) kt[h * kstride + (size_t)d * kv8 + j] = 0.0f;
@@ -875,6 +923,7 @@ void levi_attention_forward(float *out, float *probs, uint64_t *dropout_seed, co
         }
         return;
     }
+    LEVI_ASSERT(!p.bias, "attention: a q|k|v bias is for inference only (no probs, no dropout)");
     const uint32_t thr = (uint32_t)fmin((double)p.dropout * 4294967296.0, 4294967295.0);
     const float keep = 1.0f / (1.0f - p.dropout);
     const int BH = B * NH, S8 = levi__round8(S), HD8 = levi__round8(HD);
@@ -930,6 +979,7 @@ void levi_attention_backward(float *dq, float *dk, float *dv, const float *dout,
     const size_t slot = levi__attn_slot_floats(S, NH, HD);
     const size_t slots = scratch_floats / slot;
     const int nt = (size_t)levi__max_threads() < slots ? levi__max_threads() : (int)slots;
+    LEVI_ASSERT(!p.bias, "attention: a q|k|v bias is for inference only (no probs, no dropout)");
     const uint32_t thr = (uint32_t)fmin((double)p.dropout * 4294967296.0, 4294967295.0);
     const float keep = 1.0f / (1.0f - p.dropout);
     const int BH = B * NH, S8 = levi__round8(S), HD8 = levi__round8(HD);

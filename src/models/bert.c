@@ -890,10 +890,17 @@ static void bert_attention_block(levi_bert *m, int l, int b0, int nb, const floa
                                  uint64_t *seed) {
     const levi_bert_config *c = &m->cfg;
     const int N = nb * m->S, H = c->hidden;
-    bert_fill_rows(qkv, NULL, m->qkv_b + (size_t)l * 3 * H, N, 3 * H);
-    levi_gemm(0, 1, N, 3 * H, H, 1.0f, x, H, m->qkv_w + (size_t)l * 3 * H * H, H, 1.0f, qkv, 3 * H);
+    const float *bias = m->qkv_b + (size_t)l * 3 * H;
+    levi_attention_params ap = bert_attn_params(m, nb, p_attn);
+    const int train = probs || p_attn > 0.0f;
+    if (train) // training keeps q, k, v with their biases for the backward pass
+        bert_fill_rows(qkv, NULL, bias, N, 3 * H);
+    else // inference: the attention adds the biases as it reads the rows
+        ap.bias = bias;
+    levi_gemm(0, 1, N, 3 * H, H, 1.0f, x, H, m->qkv_w + (size_t)l * 3 * H * H, H, train ? 1.0f : 0.0f,
+              qkv, 3 * H);
     levi_attention_forward(ctx, probs, seed, qkv, qkv + H, qkv + 2 * H, m->mask + (size_t)b0 * m->S,
-                           bert_attn_params(m, nb, p_attn), rng, m->scratch, m->scratch_floats);
+                           ap, rng, m->scratch, m->scratch_floats);
 }
 
 static void bert_forward_infer(levi_bert *m) {
@@ -915,9 +922,8 @@ static void bert_forward_infer(levi_bert *m) {
             levi_gemm(0, 1, N, H, H, 1.0f, w->ctx, H, bert_w(m, l, BERT_T_O), H, 1.0f, w->a, H);
             bert_add_layernorm(w->a, NULL, NULL, NULL, w->a, NULL, levi_params_data(p, x->ln1_w),
                                levi_params_data(p, x->ln1_b), N, H, c->eps);
-            bert_fill_rows(w->pre, NULL, levi_params_data(p, x->i_b), N, I);
-            levi_gemm(0, 1, N, I, H, 1.0f, w->a, H, bert_w(m, l, BERT_T_I), H, 1.0f, w->pre, I);
-            levi_gelu_forward(w->pre, w->pre, (int64_t)N * I);
+            levi_gemm(0, 1, N, I, H, 1.0f, w->a, H, bert_w(m, l, BERT_T_I), H, 0.0f, w->pre, I);
+            levi_bias_gelu_forward(w->pre, w->pre, levi_params_data(p, x->i_b), N, I);
             bert_fill_rows(out, w->a, levi_params_data(p, x->f_b), N, H);
             levi_gemm(0, 1, N, H, I, 1.0f, w->pre, I, bert_w(m, l, BERT_T_F), I, 1.0f, out, H);
             bert_add_layernorm(out, NULL, NULL, NULL, out, NULL, levi_params_data(p, x->ln2_w),
@@ -951,9 +957,8 @@ static void bert_forward_train(levi_bert *m, levi_rng *rng) {
                                levi_params_data(p, x->ln1_w), levi_params_data(p, x->ln1_b), N, H,
                                c->eps);
         }
-        bert_fill_rows(s->pre, NULL, levi_params_data(p, x->i_b), N, I);
-        levi_gemm(0, 1, N, I, H, 1.0f, s->a, H, bert_w(m, l, BERT_T_I), H, 1.0f, s->pre, I);
-        levi_gelu_forward(s->act, s->pre, (int64_t)N * I);
+        levi_gemm(0, 1, N, I, H, 1.0f, s->a, H, bert_w(m, l, BERT_T_I), H, 0.0f, s->pre, I);
+        levi_bias_gelu_forward(s->act, s->pre, levi_params_data(p, x->i_b), N, I);
         if (s->dmask2) {
             bert_fill_rows(m->tmp, NULL, levi_params_data(p, x->f_b), N, H);
             levi_gemm(0, 1, N, H, I, 1.0f, s->act, I, bert_w(m, l, BERT_T_F), I, 1.0f, m->tmp, H);
