@@ -897,8 +897,8 @@ static void bert_attention_block(levi_bert *m, int l, int b0, int nb, const floa
         bert_fill_rows(qkv, NULL, bias, N, 3 * H);
     else // inference: the attention adds the biases as it reads the rows
         ap.bias = bias;
-    levi_gemm(0, 1, N, 3 * H, H, 1.0f, x, H, m->qkv_w + (size_t)l * 3 * H * H, H, train ? 1.0f : 0.0f,
-              qkv, 3 * H);
+    levi_gemm(0, 1, N, 3 * H, H, 1.0f, x, H, m->qkv_w + (size_t)l * 3 * H * H, H,
+              train ? 1.0f : 0.0f, qkv, 3 * H);
     levi_attention_forward(ctx, probs, seed, qkv, qkv + H, qkv + 2 * H, m->mask + (size_t)b0 * m->S,
                            ap, rng, m->scratch, m->scratch_floats);
 }
