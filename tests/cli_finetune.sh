@@ -4,7 +4,9 @@
 # exit 0, write finite RMSEs for every eval set (0.5..3.0 for ID test and all OOD; the
 # per-genre groups hold a handful of rows here), record the chosen learning
 # rate, save a tuned backbone folder, and a rerun must skip every finished run and reproduce
-# results.csv byte for byte. A bad --scale is a usage error (exit 2).
+# results.csv byte for byte. The backbone runs train in two worker processes (--jobs 2, logs in
+# <run>/train.log) with the results of --jobs 1 --threads 1, byte for byte. A bad --scale is a
+# usage error (exit 2).
 #
 #   tests/cli_finetune.sh <levi binary>
 # Inputs as tests/cli_fit.sh; exits 77 (skipped) when they are absent.
@@ -13,7 +15,7 @@ levi=${1:?usage: cli_finetune.sh <levi binary>}
 
 . "$(dirname "${BASH_SOURCE[0]}")/movielens_inputs.bash"
 args=(movielens --data "$data" --model "$model" --out "$out" --methods lora,lp-ft,a4
-      --subsample 200 --scale 0.5 --seeds 1 --lrs 1e-3,1e-2 --epochs 1 --threads 2)
+      --subsample 200 --scale 0.5 --seeds 1 --lrs 1e-3,1e-2 --epochs 1 --jobs 2)
 
 "$levi" fit "${args[@]}" >"$tmp/log1" 2>&1
 rc=$?
@@ -49,6 +51,18 @@ cp "$out/results.csv" "$tmp/results1.csv"
 n_skip=$(grep -c "skipped" "$tmp/log2")
 [ "$n_skip" -ge 3 ] || { fail "rerun skipped $n_skip runs, expected >= 3"; cat "$tmp/log2"; }
 cmp -s "$tmp/results1.csv" "$out/results.csv" || fail "rerun changed results.csv"
+
+grep -q "training in a worker process" "$tmp/log1" || fail "no backbone run went to a worker"
+[ -s "$out/runs/lora/seed0/train.log" ] || fail "no train.log in the worker's run folder"
+serial=("${args[@]}")
+serial[6]="$tmp/serial" # --out
+"$levi" fit "${serial[@]}" --jobs 1 --threads 1 >"$tmp/log3" 2>&1 || fail "--jobs 1 fit exited $?"
+if cmp -s "$out/results.csv" "$tmp/serial/results.csv"; then
+    echo "ok: --jobs 2 and --jobs 1 --threads 1 give the same results.csv"
+else
+    fail "--jobs 2 and --jobs 1 --threads 1 differ"
+    diff "$out/results.csv" "$tmp/serial/results.csv" | head -5
+fi
 
 "$levi" fit movielens --methods lora --scale 1.5 >/dev/null 2>"$tmp/err"
 rc=$?

@@ -346,7 +346,8 @@ static void test_hostile_handmade(void **state) {
 }
 
 static const char *const fuzz_fixtures[] = {REF_DIR "small_legacy.torch", REF_DIR "small_zip.torch",
-                                            REF_DIR "mixed_legacy.torch", REF_DIR "mixed_zip.torch"};
+                                            REF_DIR "mixed_legacy.torch",
+                                            REF_DIR "mixed_zip.torch"};
 
 static void test_every_truncation(void **state) {
     char path[600];

@@ -111,7 +111,9 @@ static void fit_usage(FILE *f, int experiment) {
         "                       thread (default: the number of online CPUs, at most the\n"
         "                       number of runs left to train); 1: one run after another in\n"
         "                       this process with --threads threads. Same results either\n"
-        "                       way as --jobs 1 --threads 1\n"
+        "                       way as --jobs 1 --threads 1. Backbone-training runs\n"
+        "                       (ft, ht, lp-ft, fs, lora) too, a stage at a time, their\n"
+        "                       output in <run>/train.log\n"
         "  --subsample N|FRAC   keep N rows (integer) or a fraction in (0, 1) of them,\n"
         "                       proportionally per split (for quick runs)\n"
         "  --cache DIR          feature cache folder, shared with `levi encode` (default\n"
@@ -1790,9 +1792,9 @@ static int fit_main(int argc, char **argv, int experiment) {
     double t_train = levi_now();
     /* Worker processes only pay off with two runs or more to train; a rerun that finds
        everything finished, or one run left, goes the --jobs 1 way. */
-    /* Backbone-training methods (ids >= FIT_FT_BASE) train after the head methods, in this
-       process with --threads threads: each holds an encoder and its activations, and one
-       such run already keeps the cores busy. */
+    /* Backbone-training methods (ids >= FIT_FT_BASE) train after the head methods: with
+       --jobs > 1 each stage's runs (lr search, then seeds) in worker processes of one thread
+       (fit_finetune.h), else one after another in this process with --threads threads. */
     /* LEVI on tuned backbones (ids FIT_TUNED_BASE + mode) after the backbone-training methods
        whose saved encoders they read, in this process too; the ensembles last. */
     int n_all = cfg->n_methods, n_head = 0, ft_methods[FIT_MAX_METHODS], n_ft = 0;
@@ -1833,6 +1835,7 @@ static int fit_main(int argc, char **argv, int experiment) {
     if (n_ft > 0 && rc == LEVI_EXIT_OK && !levi_cli_interrupted) {
         fit_finetune_options ft_opts = fit_finetune_default_options();
         ft_opts.train_fraction = cfg->ft_scale;
+        ft_opts.jobs = a.jobs > 0 ? a.jobs : (int)sysconf(_SC_NPROCESSORS_ONLN);
         for (int i = 0; i < n_ft && rc == LEVI_EXIT_OK; i++)
             rc = fit_finetune_method(fit_method_name(ft_methods[i]), cfg, &ctx, &ft_opts, methods);
     }

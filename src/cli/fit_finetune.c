@@ -11,13 +11,19 @@
 #include "report.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 fit_finetune_options fit_finetune_default_options(void) {
     fit_finetune_options o;
@@ -28,6 +34,7 @@ fit_finetune_options fit_finetune_default_options(void) {
     o.lp_lr = 1e-2f;
     o.lp_epochs = 10;
     o.save_backbone = 1;
+    o.jobs = 1;
     return o;
 }
 
@@ -54,6 +61,7 @@ typedef struct ff_state {
     const char *name;
     const char **texts; /* [ctx->n] */
     levi_ft_data data;
+    int collecting; /* 1: reading runs a worker just finished (no "finished earlier" line) */
 } ff_state;
 
 static levi_ft_params ff_params(const ff_state *fs, float lr, int seed) {
@@ -236,8 +244,9 @@ static int ff_run_one(ff_state *fs, float lr, int seed, const char *dir, const c
         levi_error e2;
         cJSON *old = fit_read_json(result_path, &e2);
         if (old && strcmp(ff_result_key(old), key) == 0) {
-            printf("%s: finished earlier (id_val %.4f), skipped\n", label,
-                   ff_set_value(old, "id_val"));
+            if (!fs->collecting)
+                printf("%s: finished earlier (id_val %.4f), skipped\n", label,
+                       ff_set_value(old, "id_val"));
             *result = old;
             return LEVI_EXIT_OK;
         }
@@ -394,6 +403,145 @@ static void ff_remove_run_dir(const char *dir) {
     rmdir(dir);
 }
 
+/* The folder of the lr-search run at lr: runs/<method>/lr-search/lr<lr>, or seed0/ when an
+ * earlier call chose that lr and moved the run there. */
+static void ff_search_dir(const fit_config *cfg, const char *method_name, float lr,
+                          const char *seed0_dir, char *dir, size_t size) {
+    snprintf(dir, size, "%s/runs/%s/lr-search/lr%g", cfg->out, method_name, (double)lr);
+    char s0r[FIT_PATH_MAX + 160];
+    snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
+    levi_error e2;
+    cJSON *moved = ff_is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
+    const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
+    if (moved && !ff_is_dir(dir) && cJSON_IsNumber(mlr) && mlr->valuedouble == fit_float_json(lr))
+        snprintf(dir, size, "%s", seed0_dir);
+    cJSON_Delete(moved);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * --jobs N: the runs of one stage train side by side in child processes (fork after the
+ * pipeline is loaded, so the texts and labels are shared copy-on-write), each with one thread
+ * and its output in <run>/train.log; the caller then reads every result through ff_run_one,
+ * which finds it finished. Interrupts: a worker only sets the stop flag (the training loop
+ * saves its state and returns); the parent forwards its own SIGINT to the workers and waits
+ * for them, so an interrupted stage resumes like a serial one. */
+typedef struct ff_job {
+    float lr;
+    int seed;
+    char dir[FIT_PATH_MAX + 64];
+    char label[128];
+    pid_t pid;
+    double t0;
+} ff_job;
+
+static void ff_on_worker_signal(int sig) {
+    (void)sig;
+    levi_cli_interrupted = 1;
+}
+
+static int ff_run_finished(ff_state *fs, const ff_job *j) {
+    levi_ft_params fp = ff_params(fs, j->lr, j->seed);
+    char key[65], path[FIT_PATH_MAX + 96];
+    ff_key(fs, &fp, key);
+    snprintf(path, sizeof path, "%s/result.json", j->dir);
+    if (!ff_is_file(path)) return 0;
+    levi_error e;
+    cJSON *old = fit_read_json(path, &e);
+    int done = old && strcmp(ff_result_key(old), key) == 0;
+    cJSON_Delete(old);
+    return done;
+}
+
+static void ff_worker(ff_state *fs, const ff_job *j, pid_t parent) {
+    levi_error e;
+    levi_signal_handler(SIGINT, ff_on_worker_signal, &e);
+    levi_signal_handler(SIGTERM, ff_on_worker_signal, &e);
+#ifdef __linux__
+    prctl(PR_SET_PDEATHSIG, SIGTERM); /* a parent killed outright takes its workers along */
+#endif
+    if (getppid() != parent) levi_cli_interrupted = 1;
+    char log[FIT_PATH_MAX + 96];
+    snprintf(log, sizeof log, "%s/train.log", j->dir);
+    int fd =
+        levi_mkdirs(j->dir, &e) == LEVI_OK ? open(log, O_WRONLY | O_CREAT | O_APPEND, 0644) : -1;
+    if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(LEVI_EXIT_FAILURE);
+    close(fd);
+    levi_set_num_threads(1);
+    cJSON *r = NULL;
+    int rc = ff_run_one(fs, j->lr, j->seed, j->dir, j->label, &r);
+    cJSON_Delete(r);
+    fflush(stdout);
+    fflush(stderr);
+    _exit(rc); /* the parent's atexit handlers and buffers are not this process's */
+}
+
+/* Trains the unfinished runs of job[0..n) with up to `jobs` at a time. Exit code. */
+static int ff_run_parallel(ff_state *fs, ff_job *job, int n, int jobs) {
+    int next = 0, running = 0, rc = LEVI_EXIT_OK, forwarded = 0;
+    const pid_t parent = getpid();
+    for (;;) {
+        while (running < jobs && next < n && rc == LEVI_EXIT_OK && !levi_cli_interrupted) {
+            ff_job *j = &job[next++];
+            j->pid = 0;
+            if (ff_run_finished(fs, j)) {
+                printf("%s: finished earlier, skipped\n", j->label);
+                continue;
+            }
+            fflush(stdout);
+            fflush(stderr);
+            pid_t pid = fork();
+            if (pid < 0) {
+                fprintf(stderr, "levi fit: cannot start a process for %s: %s\n", j->label,
+                        strerror(errno));
+                rc = LEVI_EXIT_FAILURE;
+                break;
+            }
+            if (pid == 0) ff_worker(fs, j, parent);
+            j->pid = pid;
+            j->t0 = levi_now();
+            running++;
+            printf("%s: training in a worker process (log: %s/train.log)\n", j->label, j->dir);
+            fflush(stdout);
+        }
+        if (running == 0) break;
+        if (levi_cli_interrupted && !forwarded) {
+            for (int i = 0; i < n; i++)
+                if (job[i].pid > 0) kill(job[i].pid, SIGINT);
+            forwarded = 1;
+        }
+        int status;
+        pid_t w = waitpid(-1, &status, 0);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            fprintf(stderr, "levi fit: waiting for the workers: %s\n", strerror(errno));
+            return LEVI_EXIT_FAILURE;
+        }
+        for (int i = 0; i < n; i++) {
+            ff_job *j = &job[i];
+            if (j->pid != w) continue;
+            j->pid = 0;
+            running--;
+            int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+            if (code == LEVI_EXIT_OK) {
+                printf("%s: finished in %.0f s\n", j->label, levi_now() - j->t0);
+            } else if (code == LEVI_EXIT_INTERRUPTED || levi_cli_interrupted) {
+                printf("%s: interrupted; its state is saved (%s/train.log)\n", j->label, j->dir);
+                if (rc == LEVI_EXIT_OK) rc = LEVI_EXIT_INTERRUPTED;
+            } else {
+                if (WIFSIGNALED(status))
+                    fprintf(stderr, "levi fit: %s: the worker process was killed by signal %d\n",
+                            j->label, WTERMSIG(status));
+                fprintf(stderr, "levi fit: %s failed (exit code %d): see %s/train.log\n", j->label,
+                        code, j->dir);
+                rc = LEVI_EXIT_FAILURE;
+            }
+            fflush(stdout);
+        }
+    }
+    if (rc == LEVI_EXIT_OK && levi_cli_interrupted) rc = LEVI_EXIT_INTERRUPTED;
+    return rc;
+}
+
 int fit_finetune_method(const char *method_name, const fit_config *cfg, fit_context *ctx,
                         const fit_finetune_options *opt_in, cJSON *methods) {
     LEVI_ASSERT(method_name && cfg && ctx && methods, "fit_finetune_method needs its arguments");
@@ -411,7 +559,7 @@ int fit_finetune_method(const char *method_name, const fit_config *cfg, fit_cont
         fprintf(stderr, "levi fit: %s needs a model folder (--model)\n", method_name);
         return LEVI_EXIT_USAGE;
     }
-    ff_state fs = {cfg, ctx, opt, (levi_ft_mode)mode, method_name, NULL, {0}};
+    ff_state fs = {cfg, ctx, opt, (levi_ft_mode)mode, method_name, NULL, {0}, 0};
     fs.texts = malloc((size_t)(ctx->n > 0 ? ctx->n : 1) * sizeof *fs.texts);
     if (!fs.texts) return LEVI_EXIT_FAILURE;
     for (int64_t i = 0; i < ctx->n; i++) fs.texts[i] = levi_dataset_text(ctx->ds, i);
@@ -429,21 +577,28 @@ int fit_finetune_method(const char *method_name, const fit_config *cfg, fit_cont
     snprintf(seed0_dir, sizeof seed0_dir, "%s/runs/%s/seed0", cfg->out, method_name);
     printf("\n== %s: %s ==\n", method_name, levi_report_method_label(method_name));
     cJSON *seed0 = NULL;
+    const int jobs = opt->jobs > 1 ? opt->jobs : 1;
+    ff_job *job = calloc((size_t)(n_lr > cfg->seeds ? n_lr : cfg->seeds), sizeof *job);
+    if (!job) {
+        free(fs.texts);
+        return LEVI_EXIT_FAILURE;
+    }
     if (n_lr == 1) {
         lr_val[0] = NAN;
     } else {
+        if (jobs > 1) { /* where each search run lives: the loop below decides it the same way */
+            for (int i = 0; i < n_lr; i++) {
+                ff_job *j = &job[i];
+                j->lr = grid[i], j->seed = 0;
+                ff_search_dir(cfg, method_name, grid[i], seed0_dir, j->dir, sizeof j->dir);
+                snprintf(j->label, sizeof j->label, "%s lr %g seed 0", method_name,
+                         (double)grid[i]);
+            }
+            if ((rc = ff_run_parallel(&fs, job, n_lr, jobs)) != LEVI_EXIT_OK) goto done;
+            fs.collecting = 1;
+        }
         for (int i = 0; i < n_lr; i++) {
-            snprintf(dir, sizeof dir, "%s/runs/%s/lr-search/lr%g", cfg->out, method_name,
-                     (double)grid[i]);
-            char s0r[FIT_PATH_MAX + 160];
-            snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
-            levi_error e2;
-            cJSON *moved = ff_is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
-            const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
-            if (moved && !ff_is_dir(dir) && cJSON_IsNumber(mlr) &&
-                mlr->valuedouble == fit_float_json(grid[i]))
-                snprintf(dir, sizeof dir, "%s", seed0_dir);
-            cJSON_Delete(moved);
+            ff_search_dir(cfg, method_name, grid[i], seed0_dir, dir, sizeof dir);
             snprintf(label, sizeof label, "%s lr %g seed 0", method_name, (double)grid[i]);
             cJSON *r = NULL;
             if ((rc = ff_run_one(&fs, grid[i], 0, dir, label, &r)) != LEVI_EXIT_OK) goto done;
@@ -479,6 +634,18 @@ int fit_finetune_method(const char *method_name, const fit_config *cfg, fit_cont
     cJSON *jv = cJSON_AddArrayToObject(entry, "lr_val");
     cJSON *runs = cJSON_AddArrayToObject(entry, "runs");
     cJSON_AddItemToArray(methods, entry);
+    if (jobs > 1) { /* seed 0 of a searched grid is the chosen search run: found finished */
+        int nj = 0;
+        for (int seed = 0; seed < cfg->seeds; seed++, nj++) {
+            ff_job *j = &job[nj];
+            j->lr = grid[best], j->seed = seed;
+            snprintf(j->dir, sizeof j->dir, "%s/runs/%s/seed%d", cfg->out, method_name, seed);
+            snprintf(j->label, sizeof j->label, "%s seed %d", method_name, seed);
+        }
+        fs.collecting = 0;
+        if ((rc = ff_run_parallel(&fs, job, nj, jobs)) != LEVI_EXIT_OK) goto done;
+        fs.collecting = 1;
+    }
     for (int seed = 0; seed < cfg->seeds; seed++) {
         snprintf(dir, sizeof dir, "%s/runs/%s/seed%d", cfg->out, method_name, seed);
         snprintf(label, sizeof label, "%s seed %d", method_name, seed);
@@ -499,6 +666,7 @@ int fit_finetune_method(const char *method_name, const fit_config *cfg, fit_cont
     cJSON_AddNumberToObject(entry, "chosen_lr", fit_float_json(grid[best]));
     levi_report_summarize_method(entry);
 done:
+    free(job);
     free(fs.texts);
     return rc;
 }

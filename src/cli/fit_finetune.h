@@ -22,6 +22,10 @@ typedef struct fit_finetune_options {
     float lp_lr; /* lp-ft's probing phase */
     int lp_epochs;
     int save_backbone; /* 1: each run saves its tuned backbone to <run>/backbone/ */
+    /* Runs trained side by side (--jobs): > 1 trains a stage's runs (the learning-rate
+     * search, then the other seeds) in up to `jobs` child processes with one thread each,
+     * their output in <run>/train.log; the results are those of jobs 1 with one thread. */
+    int jobs;
 } fit_finetune_options;
 
 fit_finetune_options fit_finetune_default_options(void);
