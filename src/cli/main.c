@@ -76,8 +76,10 @@ static void print_usage(FILE *f) {
             "  LEVI_CACHE            cache of models, data and backbone features\n"
             "                        (default ${XDG_CACHE_HOME:-$HOME/.cache}/levi)\n"
             "  LEVI_PROGRESS=0       no progress bars on stderr\n"
-            "  OMP_NUM_THREADS       threads for element-wise kernels (--threads overrides)\n"
-            "  OPENBLAS_NUM_THREADS  threads for matrix products (--threads overrides)\n",
+            "  OMP_NUM_THREADS       threads for kernels and matrix products (default: all\n"
+            "                        cores; --threads overrides)\n"
+            "  LEVI_GEMM=openblas    every matrix product through OpenBLAS (default: oneDNN\n"
+            "                        for the large ones; results differ in the last bits)\n",
             LEVI_EXIT_OK, LEVI_EXIT_FAILURE, LEVI_EXIT_USAGE, LEVI_EXIT_INPUT,
             LEVI_EXIT_INTERRUPTED);
 }
