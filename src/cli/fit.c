@@ -990,16 +990,10 @@ static void remove_run_dir(const char *dir) {
 /* The folder of method's LR-search run at lr: lr-search/lr<value>/, or seed0/ when an
  * earlier fit already moved that run there as the winner (it keeps its key there). */
 static void grid_run_dir(const fit_config *cfg, int method, float lr, char *dir, size_t cap) {
-    char seed0_dir[FIT_PATH_MAX], s0r[FIT_PATH_MAX + 32];
-    search_dir(cfg, method, lr, dir, cap);
+    char seed0_dir[FIT_PATH_MAX], search[FIT_PATH_MAX];
+    search_dir(cfg, method, lr, search, sizeof search);
     run_dir(cfg, method, 0, seed0_dir, sizeof seed0_dir);
-    snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
-    levi_error e2;
-    cJSON *moved = is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
-    const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
-    if (moved && !is_dir(dir) && cJSON_IsNumber(mlr) && mlr->valuedouble == fit_float_json(lr))
-        snprintf(dir, cap, "%s", seed0_dir);
-    cJSON_Delete(moved);
+    fit_moved_search_dir(search, seed0_dir, lr, dir, cap);
 }
 
 /* Picks the best learning rate of the grid on ID validation (the first of equals), prints

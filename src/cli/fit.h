@@ -189,6 +189,11 @@ cJSON *fit_json_roundtrip(cJSON *doc);
 /* Run folders: <out>/runs/<method>/seed<k>, <out>/runs/<method>/lr-search/lr<value>. */
 void fit_run_dir(const fit_config *cfg, int method, int seed, char *out, size_t cap);
 void fit_search_dir(const fit_config *cfg, int method, float lr, char *out, size_t cap);
+/* Where the lr-search run at lr lives: search_dir, or seed0_dir when an earlier fit chose that
+ * lr and moved the run there as seed 0 (its result.json has that lr and search_dir is gone).
+ * Writes the choice to dir. */
+void fit_moved_search_dir(const char *search_dir, const char *seed0_dir, float lr, char *dir,
+                          size_t cap);
 /* The method's learning-rate grid under cfg (the bias model has one dummy entry). */
 int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]);
 /* A float as the shortest decimal that reads back to it (JSON would print 0.0010000000475). */

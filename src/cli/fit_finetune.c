@@ -407,15 +407,9 @@ static void ff_remove_run_dir(const char *dir) {
  * earlier call chose that lr and moved the run there. */
 static void ff_search_dir(const fit_config *cfg, const char *method_name, float lr,
                           const char *seed0_dir, char *dir, size_t size) {
-    snprintf(dir, size, "%s/runs/%s/lr-search/lr%g", cfg->out, method_name, (double)lr);
-    char s0r[FIT_PATH_MAX + 160];
-    snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
-    levi_error e2;
-    cJSON *moved = ff_is_file(s0r) ? fit_read_json(s0r, &e2) : NULL;
-    const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
-    if (moved && !ff_is_dir(dir) && cJSON_IsNumber(mlr) && mlr->valuedouble == fit_float_json(lr))
-        snprintf(dir, size, "%s", seed0_dir);
-    cJSON_Delete(moved);
+    char search[FIT_PATH_MAX + 64];
+    snprintf(search, sizeof search, "%s/runs/%s/lr-search/lr%g", cfg->out, method_name, (double)lr);
+    fit_moved_search_dir(search, seed0_dir, lr, dir, size);
 }
 
 /* ---------------------------------------------------------------------------------------

@@ -144,6 +144,22 @@ int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]) {
     return cfg->n_lrs;
 }
 
+void fit_moved_search_dir(const char *search_dir, const char *seed0_dir, float lr, char *dir,
+                          size_t cap) {
+    char s0r[FIT_PATH_MAX + 160];
+    snprintf(s0r, sizeof s0r, "%s/result.json", seed0_dir);
+    struct stat sb;
+    levi_error e2;
+    cJSON *moved = stat(s0r, &sb) == 0 && S_ISREG(sb.st_mode) ? fit_read_json(s0r, &e2) : NULL;
+    const cJSON *mlr = cJSON_GetObjectItemCaseSensitive(moved, "lr");
+    int gone = !(stat(search_dir, &sb) == 0 && S_ISDIR(sb.st_mode));
+    snprintf(dir, cap, "%s",
+             moved && gone && cJSON_IsNumber(mlr) && mlr->valuedouble == fit_float_json(lr)
+                 ? seed0_dir
+                 : search_dir);
+    cJSON_Delete(moved);
+}
+
 /* ---------------------------------------------------------------------------------------
  * JSON files. */
 cJSON *fit_read_json(const char *path, levi_error *err) {

@@ -571,6 +571,15 @@ levi__pack_row_bias(float *T, int ldt, const float *X, const float *bias, int D)
     for (; d < ldt; d++) T[d] = 0.0f;
 }
 
+/* Row i of head h into its tile: with the head's slice of bias added when there is one. */
+static inline __attribute__((always_inline)) void
+levi__pack_head_row(float *T, int ldt, const float *X, const float *bias, int h, int HD) {
+    if (bias)
+        levi__pack_row_bias(T, ldt, X, bias + (size_t)h * HD, HD);
+    else
+        levi__pack(T, ldt, X, 0, 1, HD);
+}
+
 /* T[d, i] = X[i, d] for i < M, d < D (row strides ldx, ldt). 8 x 8 blocks go through vector
  * shuffles: a scalar transpose of K costs as much as the scores product it feeds, because the
  * source rows (3H floats apart) share a few L1 sets and every element is a separate access. */
@@ -851,23 +860,13 @@ static void levi__attn_seq(float *out, const float *q, const float *k, const flo
     const float scale2 = p->scale * LEVI__LOG2E; // scores in log2 units for the softmax
     const float *bq = p->bias, *bk = bq ? bq + H : NULL, *bv = bq ? bq + 2 * H : NULL;
     for (int i = 0; i < S; i++) {
-        for (int h = 0; h < NH; h++) {
-            float *t = qp + h * qstride + (size_t)i * HD8;
-            const float *x = q + (size_t)i * p->ldq + (size_t)h * HD;
-            if (bq)
-                levi__pack_row_bias(t, HD8, x, bq + (size_t)h * HD, HD);
-            else
-                levi__pack(t, HD8, x, p->ldq, 1, HD);
-        }
+        for (int h = 0; h < NH; h++)
+            levi__pack_head_row(qp + h * qstride + (size_t)i * HD8, HD8,
+                                q + (size_t)i * p->ldq + (size_t)h * HD, bq, h, HD);
         if (i < kv)
-            for (int h = 0; h < NH; h++) {
-                float *t = vp + h * qstride + (size_t)i * HD8;
-                const float *x = v + (size_t)i * p->ldv + (size_t)h * HD;
-                if (bv)
-                    levi__pack_row_bias(t, HD8, x, bv + (size_t)h * HD, HD);
-                else
-                    levi__pack(t, HD8, x, p->ldv, 1, HD);
-            }
+            for (int h = 0; h < NH; h++)
+                levi__pack_head_row(vp + h * qstride + (size_t)i * HD8, HD8,
+                                    v + (size_t)i * p->ldv + (size_t)h * HD, bv, h, HD);
     }
     for (int i0 = 0; i0 < kv; i0 += 8) {
         const int rows = kv - i0 < 8 ? kv - i0 : 8;
