@@ -28,9 +28,6 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 /* The subcommand being parsed: "fit", or "experiment" (the same command with --methods all
    by default), for its messages. */
@@ -1388,25 +1385,8 @@ static void close_fd(int *fd) {
     *fd = -1;
 }
 
-/* In the worker: the signals only ask the run to stop at its next step (a second one must not
- * kill it before it saves, as main()'s handler would: the parent forwards the user's SIGINT
- * and the terminal may deliver it too). */
-static void on_worker_signal(int sig) {
-    (void)sig;
-    levi_cli_interrupted = 1;
-}
-
-/* The worker process: one run, one thread, output to the pipes. Never returns. */
 static void worker_main(fit_sched *s, fit_job *j, const int out[3]) {
-    levi_error serr;
-    levi_signal_handler(SIGINT, on_worker_signal, &serr); /* the parent's stack: cannot fail */
-    levi_signal_handler(SIGTERM, on_worker_signal, &serr);
-    signal(SIGPIPE, SIG_IGN);
-#ifdef __linux__
-    /* A parent killed outright (SIGKILL) takes its workers along, each at a safe point. */
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-#endif
-    if (getppid() != s->parent) levi_cli_interrupted = 1; /* it died before prctl */
+    fit_worker_start(s->parent);
     for (int i = 0; i < s->n_jobs; i++)
         if (&s->job[i] != j)
             for (int k = 0; k < 3; k++) close_fd(&s->job[i].fd[k]);
@@ -1414,7 +1394,6 @@ static void worker_main(fit_sched *s, fit_job *j, const int out[3]) {
     if (dup2(out[0], 1) < 0 || dup2(out[1], 2) < 0) _exit(LEVI_EXIT_FAILURE);
     close(out[0]);
     close(out[1]);
-    levi_set_num_threads(1);
     s->fs->progress_fd = out[2];
     cJSON *r = NULL;
     int rc = run_one(s->fs, s->plan[j->mi].method, j->lr, j->seed, j->dir, j->label, &r);

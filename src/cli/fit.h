@@ -13,6 +13,7 @@
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 #define FIT_PATH_MAX 4096
 /* Method ids: levi_method values, and FIT_FT_BASE + levi_ft_mode for the backbone-training
@@ -189,6 +190,11 @@ cJSON *fit_json_roundtrip(cJSON *doc);
 /* Run folders: <out>/runs/<method>/seed<k>, <out>/runs/<method>/lr-search/lr<value>. */
 void fit_run_dir(const fit_config *cfg, int method, int seed, char *out, size_t cap);
 void fit_search_dir(const fit_config *cfg, int method, float lr, char *out, size_t cap);
+/* First steps of a worker process forked by `levi fit --jobs` (fit.c's head runs, the
+ * backbone-training runs of fit_finetune.c): SIGINT/SIGTERM only set levi_cli_interrupted
+ * (the run saves its state at its next step), SIGPIPE is ignored, a parent that dies takes
+ * the worker along (SIGTERM), and the worker computes with one thread. */
+void fit_worker_start(pid_t parent);
 /* Where the lr-search run at lr lives: search_dir, or seed0_dir when an earlier fit chose that
  * lr and moved the run there as seed 0 (its result.json has that lr and search_dir is gone).
  * Writes the choice to dir. */

@@ -21,9 +21,6 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 fit_finetune_options fit_finetune_default_options(void) {
     fit_finetune_options o;
@@ -428,11 +425,6 @@ typedef struct ff_job {
     double t0;
 } ff_job;
 
-static void ff_on_worker_signal(int sig) {
-    (void)sig;
-    levi_cli_interrupted = 1;
-}
-
 static int ff_run_finished(ff_state *fs, const ff_job *j) {
     levi_ft_params fp = ff_params(fs, j->lr, j->seed);
     char key[65], path[FIT_PATH_MAX + 96];
@@ -447,20 +439,14 @@ static int ff_run_finished(ff_state *fs, const ff_job *j) {
 }
 
 static void ff_worker(ff_state *fs, const ff_job *j, pid_t parent) {
+    fit_worker_start(parent);
     levi_error e;
-    levi_signal_handler(SIGINT, ff_on_worker_signal, &e);
-    levi_signal_handler(SIGTERM, ff_on_worker_signal, &e);
-#ifdef __linux__
-    prctl(PR_SET_PDEATHSIG, SIGTERM); /* a parent killed outright takes its workers along */
-#endif
-    if (getppid() != parent) levi_cli_interrupted = 1;
     char log[FIT_PATH_MAX + 96];
     snprintf(log, sizeof log, "%s/train.log", j->dir);
     int fd =
         levi_mkdirs(j->dir, &e) == LEVI_OK ? open(log, O_WRONLY | O_CREAT | O_APPEND, 0644) : -1;
     if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(LEVI_EXIT_FAILURE);
     close(fd);
-    levi_set_num_threads(1);
     cJSON *r = NULL;
     int rc = ff_run_one(fs, j->lr, j->seed, j->dir, j->label, &r);
     cJSON_Delete(r);

@@ -12,12 +12,17 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 
 /* The built-in specs (`levi fit movielens`, ...): specs/<name>.json, embedded at build time
  * (CMake generates levi_builtin_specs.h) so the CLI works from any folder. */
@@ -142,6 +147,27 @@ int fit_lr_grid(const fit_config *cfg, int method, float out[LEVI_MAX_GRID]) {
         return levi_default_lr_grid((levi_method)method, out);
     memcpy(out, cfg->lrs, (size_t)cfg->n_lrs * sizeof(float));
     return cfg->n_lrs;
+}
+
+static void on_worker_signal(int sig) {
+    (void)sig;
+    levi_cli_interrupted = 1;
+}
+
+/* The signals only ask the run to stop at its next step: a second one must not kill it before
+ * it saves, as main()'s handler would (the parent forwards the user's SIGINT and the terminal
+ * may deliver it too). */
+void fit_worker_start(pid_t parent) {
+    levi_error e;
+    levi_signal_handler(SIGINT, on_worker_signal, &e); /* the parent's stack: cannot fail */
+    levi_signal_handler(SIGTERM, on_worker_signal, &e);
+    signal(SIGPIPE, SIG_IGN);
+#ifdef __linux__
+    /* A parent killed outright (SIGKILL) takes its workers along, each at a safe point. */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+#endif
+    if (getppid() != parent) levi_cli_interrupted = 1; /* it died before prctl */
+    levi_set_num_threads(1);
 }
 
 void fit_moved_search_dir(const char *search_dir, const char *seed0_dir, float lr, char *dir,
