@@ -168,6 +168,95 @@ static void test_gemm_repeatable(void **state) {
     free(A), free(B), free(C1), free(C2);
 }
 
+/* Packed weights: C = A W^T + beta C against the naive loop for shapes on both sides of the
+ * oneDNN threshold, row counts below, at and above the padding limit; every row bit-identical
+ * to the same row computed in a larger batch and at 2 threads; a new W is picked up by
+ * levi_wpack_set; with the OpenBLAS back end, exactly levi_gemm. */
+static void wpack_check(int N, int K) {
+    enum { MMAX = 200 };
+    levi_rng r;
+    levi_rng_seed(&r, 7);
+    float *A = malloc((size_t)MMAX * K * 4), *W = malloc((size_t)N * K * 4);
+    float *C = malloc((size_t)MMAX * N * 4), *R = malloc((size_t)MMAX * N * 4);
+    float *full = malloc((size_t)MMAX * N * 4);
+    for (int i = 0; i < MMAX * K; i++) A[i] = levi_rng_normal(&r);
+    for (int i = 0; i < N * K; i++) W[i] = levi_rng_normal(&r);
+    levi_wpack *p = levi_wpack_new(N, K);
+    levi_wpack_set(p, W);
+    const int Ms[] = {1, 3, 15, 16, 17, 64, MMAX};
+    for (int beta = 0; beta <= 1; beta++)
+        for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
+            const int M = Ms[mi];
+            for (int i = 0; i < M * N; i++) C[i] = R[i] = (float)(i % 5);
+            levi_wpack_gemm(p, M, A, (float)beta, C);
+            levi_gemm_ref(0, 1, M, N, K, 1.0f, A, K, W, K, (float)beta, R, N);
+            assert_true(levi_test_max_abs_diff(C, R, M * N) < 1e-4f * (1 + K / 64));
+        }
+    levi_wpack_gemm(p, MMAX, A, 0.0f, full);
+    const int starts[] = {0, 5, 150}, lens[] = {1, 2, 7, 16, 17, 33};
+    for (int si = 0; si < 3; si++)
+        for (int li = 0; li < 6; li++) {
+            const int s0 = starts[si], L = lens[li];
+            levi_wpack_gemm(p, L, A + (size_t)s0 * K, 0.0f, C);
+            assert_memory_equal(C, full + (size_t)s0 * N, (size_t)L * N * 4);
+        }
+    levi_set_num_threads(2);
+    levi_wpack_gemm(p, MMAX, A, 0.0f, C);
+    levi_set_num_threads(1);
+    assert_memory_equal(C, full, (size_t)MMAX * N * 4);
+    for (int i = 0; i < N * K; i++) W[i] *= -2.0f; /* a new W: set again, results follow */
+    levi_wpack_set(p, W);
+    levi_wpack_gemm(p, MMAX, A, 0.0f, C);
+    for (int i = 0; i < MMAX * N; i++) assert_true(C[i] == -2.0f * full[i]);
+    levi_error err = {0};
+    levi_set_gemm_backend("openblas", &err); /* switched after packing: levi_gemm's path */
+    levi_wpack_gemm(p, MMAX, A, 0.0f, C);
+    levi_gemm(0, 1, MMAX, N, K, 1.0f, A, K, W, K, 0.0f, R, N);
+    assert_memory_equal(C, R, (size_t)MMAX * N * 4);
+    levi_set_gemm_backend("onednn", &err);
+    levi_wpack_free(p);
+    free(A), free(W), free(C), free(R), free(full);
+}
+
+static void test_wpack(void **state) {
+    (void)state;
+    levi_set_num_threads(1);
+    wpack_check(384, 384); /* the encoder's shapes: oneDNN's matmul when built with it */
+    wpack_check(1152, 384);
+    wpack_check(100, 600);
+    wpack_check(12, 100); /* below the threshold: levi_gemm */
+}
+
+/* levi_gemm's rows do not depend on the batch for the small products either (OpenBLAS's
+ * small-matrix kernels did: a regression head's output rounded differently by batch size). */
+static void test_gemm_rows_independent(void **state) {
+    (void)state;
+    enum { MMAX = 64 };
+    const int shapes[][2] = {{1, 256}, {2, 64}, {12, 100}, {16, 100}, {256, 1}, {40, 300}};
+    levi_rng r;
+    levi_rng_seed(&r, 9);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int tb = 0; tb < 2; tb++) {
+            const int N = shapes[s][0], K = shapes[s][1];
+            float *A = malloc((size_t)MMAX * K * 4), *B = malloc((size_t)N * K * 4);
+            float *F = malloc((size_t)MMAX * N * 4), *C = malloc((size_t)MMAX * N * 4);
+            for (int i = 0; i < MMAX * K; i++) A[i] = levi_rng_normal(&r);
+            for (int i = 0; i < N * K; i++) B[i] = levi_rng_normal(&r);
+            const int ldb = tb ? K : N;
+            for (int t = 1; t <= 2; t++) {
+                levi_set_num_threads(t);
+                levi_gemm(0, tb, MMAX, N, K, 1.0f, A, K, B, ldb, 0.0f, F, N);
+                for (int L = 1; L < MMAX; L++) {
+                    levi_gemm(0, tb, L, N, K, 1.0f, A + (size_t)(MMAX - L) * K, K, B, ldb, 0.0f, C,
+                              N);
+                    assert_memory_equal(C, F + (size_t)(MMAX - L) * N, (size_t)L * N * 4);
+                }
+            }
+            levi_set_num_threads(1);
+            free(A), free(B), free(F), free(C);
+        }
+}
+
 /* Signals during large GEMMs: oneDNN 2.x's sgemm kernels move the stack pointer into the heap,
  * so a handler run on the interrupted stack corrupts the heap (glibc aborts within ~0.1 s
  * under this load). Handlers installed with levi_signal_handler run on an alternate stack
@@ -254,6 +343,8 @@ int main(void) {
         cmocka_unit_test(test_rng),
         cmocka_unit_test(test_gemm),
         cmocka_unit_test(test_gemm_repeatable),
+        cmocka_unit_test(test_wpack),
+        cmocka_unit_test(test_gemm_rows_independent),
         cmocka_unit_test(test_signals_during_gemm),
         cmocka_unit_test(test_files_and_sha),
     };

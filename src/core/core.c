@@ -454,13 +454,20 @@ int levi_get_num_threads(void) {
  * are the same in any batch, a prediction is the same at any evaluation batch size): the back
  * end is chosen from N and K only, and oneDNN, which uses a different kernel below 16 rows,
  * gets at least 16 (the rest zero). Measured with oneDNN 2.6 on 11 shapes x 4 transposes x
- * 1-4096 rows x 1-2 threads: every row bit-identical (tests/test_core.c checks it). */
+ * 1-4096 rows x 1-2 threads: every row bit-identical (tests/test_core.c checks it). OpenBLAS
+ * is not: below some M*N*K it switches to other kernels (a regression head's output, N = 1,
+ * K = 256, rounded differently at 26 of 40 batch sizes), so the small products with op(A) =
+ * A (forward passes) go through gemm_rows, one fixed loop per row; OpenBLAS keeps the
+ * op(A) = A^T ones (weight gradients, whose rows are not examples). */
+
+/* Products with N < GEMM_SMALL_N or N*K < GEMM_SMALL_NK are small: never oneDNN's. */
+enum { GEMM_SMALL_N = 16, GEMM_SMALL_NK = 1 << 14 };
 
 #ifdef LEVI_HAVE_ONEDNN
 #include <oneapi/dnnl/dnnl.h>
 enum { GEMM_UNSET = -1, GEMM_OPENBLAS = 0, GEMM_ONEDNN = 1 };
 static int g_gemm = GEMM_UNSET;
-enum { ONEDNN_MIN_N = 16, ONEDNN_MIN_NK = 1 << 14, ONEDNN_MIN_M = 16 };
+enum { ONEDNN_MIN_N = GEMM_SMALL_N, ONEDNN_MIN_NK = GEMM_SMALL_NK, ONEDNN_MIN_M = 16 };
 
 /* C = alpha op(A) op(B) + beta C through oneDNN with M < ONEDNN_MIN_M rows padded. */
 static int onednn_small_m(char ta, char tb, int M, int N, int K, float alpha, const float *A,
@@ -487,6 +494,42 @@ static int onednn_small_m(char ta, char tb, int M, int N, int K, float alpha, co
 enum { GEMM_UNSET = -1, GEMM_OPENBLAS = 0 };
 static int g_gemm = GEMM_OPENBLAS;
 #endif
+
+/* C = alpha A op(B) + beta C row by row, each row by the same loop whatever M and the thread
+ * count: a dot product per output with 8 partial sums over k (op(B) = B^T), or an axpy over
+ * k into a block of 64 outputs (op(B) = B). For products small enough that OpenBLAS would
+ * have taken its small-matrix kernels; speed is not the point here. */
+static void gemm_rows(int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                      const float *B, int ldb, float beta, float *C, int ldc) {
+#pragma omp parallel for schedule(static) if ((int64_t)M * N * K > (1 << 18))
+    for (int i = 0; i < M; i++) {
+        const float *a = A + (size_t)i * lda;
+        float *c = C + (size_t)i * ldc;
+        if (tb) {
+            for (int j = 0; j < N; j++) {
+                const float *b = B + (size_t)j * ldb;
+                float s[8] = {0};
+                int k = 0;
+                for (; k + 8 <= K; k += 8)
+                    for (int q = 0; q < 8; q++) s[q] += a[k + q] * b[k + q];
+                for (; k < K; k++) s[k % 8] += a[k] * b[k];
+                const float dot = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+                c[j] = alpha * dot + (beta == 0.0f ? 0.0f : beta * c[j]);
+            }
+        } else {
+            for (int j0 = 0; j0 < N; j0 += 64) {
+                const int nj = N - j0 < 64 ? N - j0 : 64;
+                float acc[64] = {0};
+                for (int k = 0; k < K; k++) {
+                    const float ak = a[k], *b = B + (size_t)k * ldb + j0;
+                    for (int j = 0; j < nj; j++) acc[j] += ak * b[j];
+                }
+                for (int j = 0; j < nj; j++)
+                    c[j0 + j] = alpha * acc[j] + (beta == 0.0f ? 0.0f : beta * c[j0 + j]);
+            }
+        }
+    }
+}
 
 levi_status levi_set_gemm_backend(const char *name, levi_error *err) {
     if (!name || !strcmp(name, "openblas")) {
@@ -529,8 +572,182 @@ void levi_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const
             return;
     }
 #endif
+    if (!trans_a && (N < GEMM_SMALL_N || (int64_t)N * K < GEMM_SMALL_NK)) {
+        gemm_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                 trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* ---- packed weights (levi_wpack) ------------------------------------------------------
+ * oneDNN's matmul primitive with the weights in the layout it asks for (format "any"),
+ * reordered once per levi_wpack_set, and the row count M a runtime value, so one primitive
+ * serves every batch. Two primitives per shape: beta = 0, and beta = 1 as a "sum" post-op.
+ * Checked like levi_gemm (tests/test_core.c): every row bit-identical whatever the number of
+ * rows computed with it (from 16 up; fewer are padded: one row alone takes another kernel)
+ * and at 1 and 2 threads. */
+struct levi_wpack {
+    int N, K;
+    const float *w; /* the caller's W, for the levi_gemm path */
+#ifdef LEVI_HAVE_ONEDNN
+    dnnl_primitive_t mm[2]; /* beta 0, beta 1; NULL: levi_gemm only */
+    dnnl_primitive_t reorder;
+    dnnl_memory_t packed;
+    dnnl_memory_desc_t w_md; /* W as given: [K, N] with strides (1, K) */
+#endif
+};
+
+#ifdef LEVI_HAVE_ONEDNN
+static dnnl_engine_t g_dnnl_engine;
+static dnnl_stream_t g_dnnl_stream;
+static pthread_once_t g_dnnl_once = PTHREAD_ONCE_INIT;
+static void dnnl_make_engine(void) {
+    if (dnnl_engine_create(&g_dnnl_engine, dnnl_cpu, 0) != dnnl_success ||
+        dnnl_stream_create(&g_dnnl_stream, g_dnnl_engine, dnnl_stream_default_flags) !=
+            dnnl_success)
+        g_dnnl_engine = NULL, g_dnnl_stream = NULL;
+}
+
+/* The two matmul primitives and the weight reorder of p; on any failure p stays on the
+ * levi_gemm path (a CPU oneDNN has no kernel for is not an error). */
+static void wpack_build(levi_wpack *p) {
+    pthread_once(&g_dnnl_once, dnnl_make_engine);
+    if (!g_dnnl_engine) return;
+    dnnl_memory_desc_t a_md, w_any, c_md;
+    dnnl_dims_t ad = {DNNL_RUNTIME_DIM_VAL, p->K}, wd = {p->K, p->N},
+                cd = {DNNL_RUNTIME_DIM_VAL, p->N};
+    if (dnnl_memory_desc_init_by_tag(&a_md, 2, ad, dnnl_f32, dnnl_ab) != dnnl_success ||
+        dnnl_memory_desc_init_by_tag(&p->w_md, 2, wd, dnnl_f32, dnnl_ba) != dnnl_success ||
+        dnnl_memory_desc_init_by_tag(&w_any, 2, wd, dnnl_f32, dnnl_format_tag_any) !=
+            dnnl_success ||
+        dnnl_memory_desc_init_by_tag(&c_md, 2, cd, dnnl_f32, dnnl_ab) != dnnl_success)
+        return;
+    dnnl_matmul_desc_t md;
+    if (dnnl_matmul_desc_init(&md, &a_md, &w_any, NULL, &c_md) != dnnl_success) return;
+    dnnl_primitive_desc_t pd[2] = {NULL, NULL}, rpd = NULL;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t sum = NULL;
+    int ok = dnnl_primitive_desc_create(&pd[0], &md, NULL, g_dnnl_engine, NULL) == dnnl_success &&
+             dnnl_primitive_attr_create(&attr) == dnnl_success &&
+             dnnl_post_ops_create(&sum) == dnnl_success &&
+             dnnl_post_ops_append_sum(sum, 1.0f) == dnnl_success &&
+             dnnl_primitive_attr_set_post_ops(attr, sum) == dnnl_success &&
+             dnnl_primitive_desc_create(&pd[1], &md, attr, g_dnnl_engine, NULL) == dnnl_success;
+    const dnnl_memory_desc_t *w0 =
+        ok ? dnnl_primitive_desc_query_md(pd[0], dnnl_query_weights_md, 0) : NULL;
+    const dnnl_memory_desc_t *w1 =
+        ok ? dnnl_primitive_desc_query_md(pd[1], dnnl_query_weights_md, 0) : NULL;
+    // Both primitives read the one packed copy: their layouts must agree.
+    ok = ok && w0 && w1 && dnnl_memory_desc_equal(w0, w1) &&
+         dnnl_memory_create(&p->packed, w0, g_dnnl_engine, DNNL_MEMORY_ALLOCATE) == dnnl_success &&
+         dnnl_reorder_primitive_desc_create(&rpd, &p->w_md, g_dnnl_engine, w0, g_dnnl_engine,
+                                            NULL) == dnnl_success &&
+         dnnl_primitive_create(&p->reorder, rpd) == dnnl_success &&
+         dnnl_primitive_create(&p->mm[0], pd[0]) == dnnl_success &&
+         dnnl_primitive_create(&p->mm[1], pd[1]) == dnnl_success;
+    if (!ok) {
+        for (int i = 0; i < 2; i++)
+            if (p->mm[i]) dnnl_primitive_destroy(p->mm[i]), p->mm[i] = NULL;
+        if (p->reorder) dnnl_primitive_destroy(p->reorder), p->reorder = NULL;
+        if (p->packed) dnnl_memory_destroy(p->packed), p->packed = NULL;
+    }
+    for (int i = 0; i < 2; i++)
+        if (pd[i]) dnnl_primitive_desc_destroy(pd[i]);
+    if (rpd) dnnl_primitive_desc_destroy(rpd);
+    if (sum) dnnl_post_ops_destroy(sum);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+}
+
+/* C[M,N] (+)= A W^T through primitive mm; M >= 1. */
+static int wpack_run(const levi_wpack *p, dnnl_primitive_t mm, int M, const float *A, float *C) {
+    dnnl_memory_desc_t a_md, c_md;
+    dnnl_dims_t ad = {M, p->K}, cd = {M, p->N};
+    dnnl_memory_t a = NULL, c = NULL;
+    int ok = dnnl_memory_desc_init_by_tag(&a_md, 2, ad, dnnl_f32, dnnl_ab) == dnnl_success &&
+             dnnl_memory_desc_init_by_tag(&c_md, 2, cd, dnnl_f32, dnnl_ab) == dnnl_success &&
+             dnnl_memory_create(&a, &a_md, g_dnnl_engine, (void *)A) == dnnl_success &&
+             dnnl_memory_create(&c, &c_md, g_dnnl_engine, C) == dnnl_success;
+    if (ok) {
+        dnnl_exec_arg_t args[3] = {
+            {DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, p->packed}, {DNNL_ARG_DST, c}};
+        ok = dnnl_primitive_execute(mm, g_dnnl_stream, 3, args) == dnnl_success &&
+             dnnl_stream_wait(g_dnnl_stream) == dnnl_success;
+    }
+    if (a) dnnl_memory_destroy(a);
+    if (c) dnnl_memory_destroy(c);
+    return ok;
+}
+#endif
+
+levi_wpack *levi_wpack_new(int N, int K) {
+    LEVI_ASSERT(N > 0 && K > 0, "levi_wpack_new: N and K must be positive");
+    levi_wpack *p = levi_xmalloc(sizeof *p);
+    memset(p, 0, sizeof *p);
+    p->N = N, p->K = K;
+#ifdef LEVI_HAVE_ONEDNN
+    if (g_gemm == GEMM_UNSET) gemm_pick_default();
+    if (g_gemm == GEMM_ONEDNN && N >= ONEDNN_MIN_N && (int64_t)N * K >= ONEDNN_MIN_NK)
+        wpack_build(p);
+#endif
+    return p;
+}
+
+void levi_wpack_set(levi_wpack *p, const float *W) {
+    LEVI_ASSERT(p && W, "levi_wpack_set needs a pack and weights");
+    p->w = W;
+#ifdef LEVI_HAVE_ONEDNN
+    if (!p->mm[0]) return;
+    dnnl_memory_t w = NULL;
+    int ok = dnnl_memory_create(&w, &p->w_md, g_dnnl_engine, (void *)W) == dnnl_success;
+    if (ok) {
+        dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, w}, {DNNL_ARG_TO, p->packed}};
+        ok = dnnl_primitive_execute(p->reorder, g_dnnl_stream, 2, args) == dnnl_success &&
+             dnnl_stream_wait(g_dnnl_stream) == dnnl_success;
+    }
+    if (w) dnnl_memory_destroy(w);
+    LEVI_ASSERT(ok, "levi_wpack_set: oneDNN's weight reorder failed");
+#endif
+}
+
+void levi_wpack_gemm(const levi_wpack *p, int M, const float *A, float beta, float *C) {
+    LEVI_ASSERT(p && p->w, "levi_wpack_gemm: levi_wpack_set first");
+    LEVI_ASSERT(beta == 0.0f || beta == 1.0f, "levi_wpack_gemm: beta must be 0 or 1");
+    if (M <= 0) return;
+#ifdef LEVI_HAVE_ONEDNN
+    if (p->mm[0] && g_gemm == GEMM_ONEDNN) {
+        dnnl_primitive_t mm = p->mm[beta != 0.0f];
+        int ok;
+        if (M >= ONEDNN_MIN_M) {
+            ok = wpack_run(p, mm, M, A, C);
+        } else { // padded to ONEDNN_MIN_M rows, as levi_gemm does
+            const size_t K = (size_t)p->K, N = (size_t)p->N;
+            float *a = levi_xmalloc(ONEDNN_MIN_M * K * sizeof(float));
+            float *c = levi_xmalloc(ONEDNN_MIN_M * N * sizeof(float));
+            memset(a, 0, ONEDNN_MIN_M * K * sizeof(float));
+            memset(c, 0, ONEDNN_MIN_M * N * sizeof(float));
+            memcpy(a, A, (size_t)M * K * sizeof(float));
+            if (beta != 0.0f) memcpy(c, C, (size_t)M * N * sizeof(float));
+            ok = wpack_run(p, mm, ONEDNN_MIN_M, a, c);
+            if (ok) memcpy(C, c, (size_t)M * N * sizeof(float));
+            levi_free(a), levi_free(c);
+        }
+        LEVI_ASSERT(ok, "levi_wpack_gemm: oneDNN's matmul failed");
+        return;
+    }
+#endif
+    levi_gemm(0, 1, M, p->N, p->K, 1.0f, A, p->K, p->w, p->K, beta, C, p->N);
+}
+
+void levi_wpack_free(levi_wpack *p) {
+    if (!p) return;
+#ifdef LEVI_HAVE_ONEDNN
+    for (int i = 0; i < 2; i++)
+        if (p->mm[i]) dnnl_primitive_destroy(p->mm[i]);
+    if (p->reorder) dnnl_primitive_destroy(p->reorder);
+    if (p->packed) dnnl_memory_destroy(p->packed);
+#endif
+    levi_free(p);
 }
 
 void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
