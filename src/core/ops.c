@@ -892,7 +892,10 @@ static void levi__attn_seq(float *out, const float *q, const float *k, const flo
             for (int d = 0; d < HD; d++) {
                 float *t = kt + h * kstride + (size_t)d * kv8;
                 const float b = bk[h * HD + d];
-                for (int j = 0; j < kv; j++) t[j] += b;
+                const levi__v8 vb = levi__bc(b);
+                int j = 0; // by hand: GCC -O2 left this loop scalar (~30% of the packing)
+                for (; j + 8 <= kv; j += 8) LEVI__ST(t + j, LEVI__LD(t + j) + vb);
+                for (; j < kv; j++) t[j] += b;
             }
     for (int h = 0; h < NH; h++)
         for (int d = 0; d < HD; d++)
