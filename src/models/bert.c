@@ -543,7 +543,7 @@ void levi_bert_free(levi_bert *m) {
     levi_free(m->qkv_b);
     if (m->wpack)
         for (int i = 0; i < BERT_WPACKS; i++) levi_wpack_free(m->wpack[i]);
-    free(m->wpack);
+    levi_free(m->wpack);
     for (int t = 0; t < BERT_LORA_TARGETS; t++) levi_free(m->lora_eff[t]);
     levi_free(m->lora_tmp);
     free(m->li);
