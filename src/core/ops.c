@@ -503,6 +503,15 @@ static int levi__round8(int n) {
     return (n + 7) / 8 * 8;
 }
 
+/* Keeps four vectors in registers: without it GCC folds each B load into every FMA that uses
+ * it (4 rows x 4 loads per k step instead of 4), and the kernel waits on the load ports
+ * (measured: the inference attention ~10% faster at MiniLM shapes, one core). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define LEVI__IN_REGS(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
+#else
+#define LEVI__IN_REGS(a, b, c, d) ((void)0)
+#endif
+
 /* C[M,N] (row stride ldc) = alpha * A[M,K] (lda) . B[K,N] (ldb), plus C when accumulate.
  * Every row of B must be readable up to round8(N) columns (packed tiles are padded for that);
  * lanes past N are computed and dropped. Tiles of 4 rows x 32 columns keep 16 accumulators in
@@ -522,8 +531,9 @@ static void levi__mm(float *C, int ldc, const float *A, int lda, const float *B,
             levi__v8 c[4][4] = {{{0}}};
             const float *b = B + j0;
             for (int k = 0; k < K; k++, b += ldb) {
-                const levi__v8 b0 = LEVI__LD(b), b1 = LEVI__LD(b + 8);
-                const levi__v8 b2 = LEVI__LD(b + 16), b3 = LEVI__LD(b + 24);
+                levi__v8 b0 = LEVI__LD(b), b1 = LEVI__LD(b + 8);
+                levi__v8 b2 = LEVI__LD(b + 16), b3 = LEVI__LD(b + 24);
+                LEVI__IN_REGS(b0, b1, b2, b3);
                 levi__v8 x = levi__bc(a0[k]);
                 c[0][0] += x * b0, c[0][1] += x * b1, c[0][2] += x * b2, c[0][3] += x * b3;
                 x = levi__bc(a1[k]);

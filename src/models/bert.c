@@ -13,13 +13,14 @@
  * stays keyed by the checkpoint's names; the packed copies are derived buffers refreshed on
  * every forward, which costs ~0.5% of a 64 x 64 inference batch and means they can never go
  * stale after an optimizer step). Bias, residual add and GELU are fused into the passes
- * around the GEMMs: each output is pre-filled with bias (+ residual) and the GEMM accumulates
- * onto it (the GEMM makes a pass over C for beta anyway, so the bias costs nothing).
+ * around the GEMMs: in training each output is pre-filled with bias (+ residual) and the GEMM
+ * accumulates onto it; in inference the GEMMs write their outputs and the bias and residual
+ * join in the LayerNorm pass that follows, and the attention adds the QKV bias.
  * Attention and GELU are the ops.h kernels (levi_attention_*, levi_gelu_*): attention reads
  * Q, K, V straight from the packed [N, 3H] buffer through its row strides, and its dropout
  * decisions are recomputed from a per-layer seed rather than saved. Measured split of an
- * inference forward (MiniLM shapes, B=64, S=64, one core): GEMMs ~89%, attention ~7%, bias +
- * GELU ~1.6%, bias/residual fills ~0.8%, LN ~0.5%.
+ * inference forward (MiniLM shapes, B=64, S=64, one core): GEMMs ~92% (attention's own
+ * products ~3% of that), the rest of attention ~2.5%, bias + GELU ~1.6%, residual + LN ~0.7%.
  */
 #include "levi/bert.h"
 
@@ -143,6 +144,25 @@ static void bert_add_layernorm(float *out, float *sum, float *mean, float *rstd,
         for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + bias[c];
         if (mean) mean[n] = m;
         if (rstd) rstd[n] = s;
+    }
+}
+
+/* x = LayerNorm(x + (res + bias)) over rows of C, in place: the inference forward's GEMMs
+ * write x with beta 0 and the residual and bias join here, which saves a pass that pre-filled
+ * the output for an accumulating GEMM (that rounded the same sum in another order). */
+static void bert_res_layernorm(float *x, const float *res, const float *bias, const float *w,
+                               const float *b, int64_t N, int C, float eps) {
+    BERT_OMP_FOR_IF(N * C > BERT_PAR_MIN)
+    for (int64_t n = 0; n < N; n++) {
+        float *xr = x + n * C;
+        const float *rr = res + n * C;
+        BERT_OMP_SIMD
+        for (int c = 0; c < C; c++) xr[c] = xr[c] + (rr[c] + bias[c]);
+        const float m = bert_sum(xr, C) / (float)C;
+        const float var = bert_sqdev(xr, m, C) / (float)C;
+        const float s = 1.0f / sqrtf(var + eps);
+        BERT_OMP_SIMD
+        for (int c = 0; c < C; c++) xr[c] = (xr[c] - m) * s * w[c] + b[c];
     }
 }
 
@@ -447,6 +467,7 @@ struct levi_bert {
     int32_t *ids, *mask, *types;
     float *scratch; /* attention scratch (levi_attention_scratch_floats) */
     size_t scratch_floats;
+    int chunk_seqs; /* inference: sequences per chunk, as the scratch was sized */
     /* train mode only */
     bert_layer_acts *acts; /* [L] */
     float *emb_sum, *emb_mean, *emb_rstd, *emb_dmask;
@@ -712,16 +733,18 @@ typedef struct {
     int B, S, threads, train, hidden_dropout;
 } bert_layout_key;
 
-/* Inference runs each layer over chunks of at most this many tokens (whole sequences), so its
- * scratch (QKV, attention output, FFN activations) stays bounded whatever the batch. With
- * sgemm, which re-packs the weights for every product, 512-token chunks raised that packing
- * from 0.6% to 5% of a MiniLM forward; with the weights packed once per layer (levi_wpack),
- * 1,024 to 8,192 tokens measure the same, and the element-wise passes gain nothing
- * measurable from being cache-resident. */
-#define BERT_CHUNK_TOKENS 8192
+/* Inference runs each layer over chunks of whole sequences, so its scratch (QKV, attention
+ * output, FFN activations) stays bounded whatever the batch. With the weights packed once per
+ * layer (levi_wpack on oneDNN), 256-token chunks keep a chunk's activations in L2 between the
+ * products and measured 1-2% faster than 8,192 (one core, MiniLM, 64 x 64); with sgemm, which
+ * re-packs the weights for every product, 512-token chunks raised that packing from 0.6% to
+ * 5% of a forward, so the OpenBLAS back end keeps large chunks. */
+#define BERT_CHUNK_TOKENS_PACKED 256
+#define BERT_CHUNK_TOKENS_SGEMM 8192
 
 static int bert_chunk_seqs(int B, int S) {
-    int n = BERT_CHUNK_TOKENS / S;
+    const int packed = !strcmp(levi_gemm_backend(), "onednn");
+    int n = (packed ? BERT_CHUNK_TOKENS_PACKED : BERT_CHUNK_TOKENS_SGEMM) / S;
     n = n < 1 ? 1 : n;
     return n < B ? n : B;
 }
@@ -751,7 +774,8 @@ static size_t bert_layout(levi_bert *m, const levi_bert_config *cfg, bert_layout
     }
     if (!k.train) {
         // Inference: scratch for one chunk of sequences of one layer, reused by all.
-        const size_t R = (size_t)bert_chunk_seqs(k.B, k.S) * (size_t)k.S;
+        const int cb = bert_chunk_seqs(k.B, k.S);
+        const size_t R = (size_t)cb * (size_t)k.S;
         float *qkv = BERT_FLOATS(&c, R * 3 * H);
         float *ctx = BERT_FLOATS(&c, R * H);
         float *a = BERT_FLOATS(&c, R * H);
@@ -760,6 +784,7 @@ static size_t bert_layout(levi_bert *m, const levi_bert_config *cfg, bert_layout
             bert_layer_acts *x = &m->acts[0];
             memset(x, 0, sizeof *x);
             x->qkv = qkv, x->ctx = ctx, x->a = a, x->pre = inter;
+            m->chunk_seqs = cb; // what the scratch was sized for
         }
     } else {
         float *emb_sum = BERT_FLOATS(&c, N * H);
@@ -940,7 +965,7 @@ static void bert_forward_infer(levi_bert *m) {
     const levi_bert_config *c = &m->cfg;
     const levi_params *p = &m->params;
     const int H = c->hidden, S = m->S;
-    const int cb = bert_chunk_seqs(m->B, S);
+    const int cb = m->chunk_seqs;
     bert_layer_acts *w = &m->acts[0];
     // Layer-major: one layer's weights stay in cache while its chunks stream through.
     for (int l = 0; l < c->layers; l++) {
@@ -952,17 +977,16 @@ static void bert_forward_infer(levi_bert *m) {
             float *out = m->hs[l + 1] + (size_t)b0 * S * H;
             levi_wpack **wp = m->wpack;
             bert_attention_block(m, l, b0, nb, in, w->qkv, w->ctx, NULL, 0.0f, NULL, NULL);
-            // a = LN(in + ctx Wo^T + bo): bias and residual pre-filled, GEMM accumulates
-            bert_fill_rows(w->a, in, levi_params_data(p, x->o_b), N, H);
-            levi_wpack_gemm(wp[BERT_WP_O], N, w->ctx, 1.0f, w->a);
-            bert_add_layernorm(w->a, NULL, NULL, NULL, w->a, NULL, levi_params_data(p, x->ln1_w),
+            // a = LN(ctx Wo^T + (in + bo)), out = LN(gelu(a Wi^T + bi) Wf^T + (a + bf))
+            levi_wpack_gemm(wp[BERT_WP_O], N, w->ctx, 0.0f, w->a);
+            bert_res_layernorm(w->a, in, levi_params_data(p, x->o_b), levi_params_data(p, x->ln1_w),
                                levi_params_data(p, x->ln1_b), N, H, c->eps);
             levi_wpack_gemm(wp[BERT_WP_I], N, w->a, 0.0f, w->pre);
             levi_bias_gelu_forward(w->pre, w->pre, levi_params_data(p, x->i_b), N, c->intermediate);
-            bert_fill_rows(out, w->a, levi_params_data(p, x->f_b), N, H);
-            levi_wpack_gemm(wp[BERT_WP_F], N, w->pre, 1.0f, out);
-            bert_add_layernorm(out, NULL, NULL, NULL, out, NULL, levi_params_data(p, x->ln2_w),
-                               levi_params_data(p, x->ln2_b), N, H, c->eps);
+            levi_wpack_gemm(wp[BERT_WP_F], N, w->pre, 0.0f, out);
+            bert_res_layernorm(out, w->a, levi_params_data(p, x->f_b),
+                               levi_params_data(p, x->ln2_w), levi_params_data(p, x->ln2_b), N, H,
+                               c->eps);
         }
     }
 }
