@@ -735,16 +735,17 @@ typedef struct {
 
 /* Inference runs each layer over chunks of whole sequences, so its scratch (QKV, attention
  * output, FFN activations) stays bounded whatever the batch. With the weights packed once per
- * layer (levi_wpack on oneDNN), 256-token chunks keep a chunk's activations in L2 between the
- * products and measured 1-2% faster than 8,192 (one core, MiniLM, 64 x 64); with sgemm, which
+ * layer (levi_wpack on oneDNN), chunks of 256 tokens per thread keep a chunk's activations in
+ * L2 between the products: measured 1-2% faster than 8,192 tokens at 1 and at 2 threads
+ * (MiniLM, 64 x 64; 256 tokens at 2 threads was ~1% slower than 512). With sgemm, which
  * re-packs the weights for every product, 512-token chunks raised that packing from 0.6% to
  * 5% of a forward, so the OpenBLAS back end keeps large chunks. */
-#define BERT_CHUNK_TOKENS_PACKED 256
+#define BERT_CHUNK_TOKENS_PACKED 256 /* per thread */
 #define BERT_CHUNK_TOKENS_SGEMM 8192
 
-static int bert_chunk_seqs(int B, int S) {
+static int bert_chunk_seqs(int B, int S, int threads) {
     const int packed = !strcmp(levi_gemm_backend(), "onednn");
-    int n = (packed ? BERT_CHUNK_TOKENS_PACKED : BERT_CHUNK_TOKENS_SGEMM) / S;
+    int n = (packed ? BERT_CHUNK_TOKENS_PACKED * threads : BERT_CHUNK_TOKENS_SGEMM) / S;
     n = n < 1 ? 1 : n;
     return n < B ? n : B;
 }
@@ -774,7 +775,7 @@ static size_t bert_layout(levi_bert *m, const levi_bert_config *cfg, bert_layout
     }
     if (!k.train) {
         // Inference: scratch for one chunk of sequences of one layer, reused by all.
-        const int cb = bert_chunk_seqs(k.B, k.S);
+        const int cb = bert_chunk_seqs(k.B, k.S, k.threads);
         const size_t R = (size_t)cb * (size_t)k.S;
         float *qkv = BERT_FLOATS(&c, R * 3 * H);
         float *ctx = BERT_FLOATS(&c, R * H);
