@@ -233,6 +233,53 @@ static void test_train_matches_infer(void **state) {
     levi_bert_free(m);
 }
 
+/* The inference forward runs a layer over chunks of whole sequences (256 tokens per thread
+ * on the packed-weight path), so a batch of 40 sequences of 16 tokens spans several chunks
+ * and ends in a partial one. Shapes big enough for the packed oneDNN products (hidden 128).
+ * Every sequence must come out the same, bit for bit, as when it is run alone. */
+static void test_infer_chunks(void **state) {
+    (void)state;
+    levi_bert_config c = levi_bert_minilm_l6_config();
+    c.hidden = 128, c.layers = 2, c.heads = 4, c.intermediate = 256, c.vocab = 64, c.max_pos = 16;
+    c.type_vocab = 2;
+    c.init_range = 0.2f;
+    enum { B = 40, S = 16 };
+    levi_rng r;
+    levi_rng_seed(&r, 7);
+    levi_error err = {0};
+    levi_bert *m = levi_bert_init_random(&c, &r, &err);
+    assert_non_null(m);
+    int32_t *ids = malloc(sizeof(int32_t) * B * S), *mask = malloc(sizeof(int32_t) * B * S);
+    for (int b = 0; b < B; b++) {
+        const int len = 1 + (int)(levi_rng_u64(&r) % S); // right-padded, 1..S real tokens
+        for (int t = 0; t < S; t++) {
+            ids[b * S + t] = t < len ? (int32_t)(levi_rng_u64(&r) % (uint64_t)c.vocab) : 0;
+            mask[b * S + t] = t < len;
+        }
+    }
+    const size_t row = (size_t)S * c.hidden, n = (size_t)B * row;
+    float *keep = malloc(n * (c.layers + 1) * sizeof(float));
+    const int threads0 = levi_get_num_threads();
+    for (int threads = 1; threads <= 2; threads++) {
+        levi_set_num_threads(threads);
+        assert_int_equal(levi_bert_forward(m, ids, mask, NULL, B, S, NULL, &err), LEVI_OK);
+        for (int l = 0; l <= c.layers; l++)
+            memcpy(keep + l * n, levi_bert_hidden(m, l), n * sizeof(float));
+        const int pick[] = {0, 15, 16, 17, 33, 39};
+        for (size_t i = 0; i < sizeof pick / sizeof pick[0]; i++) {
+            const int b = pick[i];
+            assert_int_equal(
+                levi_bert_forward(m, ids + b * S, mask + b * S, NULL, 1, S, NULL, &err), LEVI_OK);
+            for (int l = 0; l <= c.layers; l++)
+                assert_memory_equal(levi_bert_hidden(m, l), keep + l * n + (size_t)b * row,
+                                    row * sizeof(float));
+        }
+    }
+    levi_set_num_threads(threads0);
+    free(keep), free(ids), free(mask);
+    levi_bert_free(m);
+}
+
 /* Central differences of field_loss for a few elements of every kind of tensor, dropout on
  * (the same seed gives the same masks in every forward). */
 static void test_gradcheck_tiny(void **state) {
@@ -1077,6 +1124,7 @@ int main(void) {
         cmocka_unit_test(test_config_parse),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_train_matches_infer),
+        cmocka_unit_test(test_infer_chunks),
         cmocka_unit_test(test_gradcheck_tiny),
         cmocka_unit_test(test_freeze_and_skip),
         cmocka_unit_test(test_forward_errors),
