@@ -120,6 +120,18 @@ static void bert_fill_rows(float *out, const float *x, const float *bias, int64_
     }
 }
 
+/* o = LayerNorm(x) of one row of C (o may alias x); returns the row's rstd, *mean its mean. */
+static inline float bert_ln_row(float *o, const float *x, const float *w, const float *bias, int C,
+                                float eps, float *mean) {
+    const float m = bert_sum(x, C) / (float)C;
+    const float var = bert_sqdev(x, m, C) / (float)C;
+    const float s = 1.0f / sqrtf(var + eps);
+    BERT_OMP_SIMD
+    for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + bias[c];
+    *mean = m;
+    return s;
+}
+
 /* out = LayerNorm(a + b) over rows of C (b may be NULL; out may alias a or b). When sum is
  * given it receives a + b; mean and rstd (may be NULL) as levi_layernorm_forward saves them,
  * so levi_layernorm_backward applies. */
@@ -137,11 +149,8 @@ static void bert_add_layernorm(float *out, float *sum, float *mean, float *rstd,
         } else if (x != ar) {
             memcpy(x, ar, (size_t)C * sizeof(float));
         }
-        const float m = bert_sum(x, C) / (float)C;
-        const float var = bert_sqdev(x, m, C) / (float)C;
-        const float s = 1.0f / sqrtf(var + eps);
-        BERT_OMP_SIMD
-        for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + bias[c];
+        float m;
+        const float s = bert_ln_row(o, x, w, bias, C, eps, &m);
         if (mean) mean[n] = m;
         if (rstd) rstd[n] = s;
     }
@@ -158,11 +167,8 @@ static void bert_res_layernorm(float *x, const float *res, const float *bias, co
         const float *rr = res + n * C;
         BERT_OMP_SIMD
         for (int c = 0; c < C; c++) xr[c] = xr[c] + (rr[c] + bias[c]);
-        const float m = bert_sum(xr, C) / (float)C;
-        const float var = bert_sqdev(xr, m, C) / (float)C;
-        const float s = 1.0f / sqrtf(var + eps);
-        BERT_OMP_SIMD
-        for (int c = 0; c < C; c++) xr[c] = (xr[c] - m) * s * w[c] + b[c];
+        float m;
+        bert_ln_row(xr, xr, w, b, C, eps, &m);
     }
 }
 
