@@ -104,6 +104,38 @@ static void test_rng(void **state) {
     assert_true(moved > 25);
 }
 
+/* levi_rng_dropout makes the draws n calls of levi_rng_uniform would, in the same order,
+ * whichever outputs it writes, and leaves the stream where those calls would. */
+static void test_rng_dropout(void **state) {
+    (void)state;
+    const size_t n = 1003;
+    const float ps[] = {0.0f, 0.3f, 0.5f, 0.9f};
+    float *mask = malloc(n * sizeof(float)), *x = malloc(n * sizeof(float));
+    float *x2 = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float));
+    for (int q = 0; q < 4; q++) {
+        const float p = ps[q], keep = 1.0f / (1.0f - p);
+        for (int variant = 0; variant < 3; variant++) {
+            levi_rng ref, r;
+            levi_rng_seed(&ref, 9 + q);
+            levi_rng_seed(&r, 9 + q);
+            int dropped = 0;
+            for (size_t i = 0; i < n; i++) {
+                want[i] = levi_rng_uniform(&ref) < p ? 0.0f : keep;
+                dropped += want[i] == 0.0f;
+                x[i] = x2[i] = 0.25f + (float)i;
+            }
+            levi_rng_dropout(&r, n, p, variant != 1 ? mask : NULL, variant != 0 ? x : NULL);
+            for (size_t i = 0; i < n; i++) {
+                if (variant != 1) assert_true(mask[i] == want[i]);
+                if (variant != 0) assert_true(x[i] == x2[i] * want[i]);
+            }
+            assert_true(levi_rng_u64(&r) == levi_rng_u64(&ref));
+            assert_true(abs(dropped - (int)(p * (float)n)) < (int)(0.06 * (double)n));
+        }
+    }
+    free(mask), free(x), free(x2), free(want);
+}
+
 static void gemm_check(int M, int N, int K, int LD) {
     levi_rng r;
     levi_rng_seed(&r, 1);
@@ -341,6 +373,7 @@ int main(void) {
         cmocka_unit_test(test_arena),
         cmocka_unit_test(test_params),
         cmocka_unit_test(test_rng),
+        cmocka_unit_test(test_rng_dropout),
         cmocka_unit_test(test_gemm),
         cmocka_unit_test(test_gemm_repeatable),
         cmocka_unit_test(test_wpack),

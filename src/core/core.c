@@ -368,6 +368,32 @@ float levi_rng_uniform(levi_rng *r) {
     return (float)(levi_rng_u64(r) >> 40) * (1.0f / 16777216.0f);
 }
 
+/* levi_rng_dropout's loop for one choice of outputs (the flags are constants where it is
+ * inlined, so each variant is a plain loop). */
+static inline void rng_dropout_loop(levi_rng *r, size_t n, float p, float *mask, float *x,
+                                    int has_mask, int has_x) {
+    uint64_t s0 = r->s[0], s1 = r->s[1], s2 = r->s[2], s3 = r->s[3];
+    const float keep = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++) {
+        const uint64_t result = rotl(s1 * 5, 7) * 9, t = s1 << 17; // levi_rng_u64, inlined
+        s2 ^= s0, s3 ^= s1, s1 ^= s2, s0 ^= s3, s2 ^= t, s3 = rotl(s3, 45);
+        const float f = (float)(result >> 40) * (1.0f / 16777216.0f) < p ? 0.0f : keep;
+        if (has_mask) mask[i] = f;
+        if (has_x) x[i] *= f;
+    }
+    r->s[0] = s0, r->s[1] = s1, r->s[2] = s2, r->s[3] = s3;
+}
+
+void levi_rng_dropout(levi_rng *r, size_t n, float p, float *mask, float *x) {
+    LEVI_ASSERT(p >= 0.0f && p < 1.0f, "levi_rng_dropout: p must be in [0, 1)");
+    if (mask && x)
+        rng_dropout_loop(r, n, p, mask, x, 1, 1);
+    else if (mask)
+        rng_dropout_loop(r, n, p, mask, NULL, 1, 0);
+    else
+        rng_dropout_loop(r, n, p, NULL, x, 0, x != NULL);
+}
+
 float levi_rng_normal(levi_rng *r) {
     double u1 = ((double)(levi_rng_u64(r) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
     double u2 = (double)(levi_rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);

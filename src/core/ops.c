@@ -442,8 +442,7 @@ void levi_dropout_forward(float *out, float *mask, const float *inp, int64_t n, 
     }
     LEVI_ASSERT(mask && rng, "dropout with p > 0 needs a mask buffer and an rng");
     // The draws stay serial so the mask depends only on the seed, never on the thread count.
-    float keep = 1.0f / (1.0f - p);
-    for (int64_t i = 0; i < n; i++) mask[i] = levi_rng_uniform(rng) < p ? 0.0f : keep;
+    levi_rng_dropout(rng, (size_t)n, p, mask, NULL);
     LEVI__OMP_FOR_IF(n > LEVI__PAR_MEM)
     for (int64_t b0 = 0; b0 < n; b0 += LEVI__BLOCK) {
         int64_t b1 = LEVI__BLOCK_END(b0, n);

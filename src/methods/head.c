@@ -815,14 +815,8 @@ void levi__gather_batch(levi_model *m, const levi_task_data *d, const int64_t *r
         if (mask_rng && p > 0.0f) {
             /* Inverted dropout: the expected input of an adapter is the same at training and
                at prediction time (where nothing is dropped). */
-            float keep = 1.0f / (1.0f - p);
             size_t n = (size_t)B * (size_t)m->n_used_layers * (size_t)m->feat_dim;
-            /* A select, not a branch: the draws are coin flips that a branch predictor would
-               miss half the time. Same draws, same result as the branch. */
-            for (size_t i = 0; i < n; i++) {
-                float scale = levi_rng_uniform(mask_rng) < p ? 0.0f : keep;
-                w->g[i] *= scale;
-            }
+            levi_rng_dropout(mask_rng, n, p, NULL, w->g);
         }
     }
     if (labels) {
