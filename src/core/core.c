@@ -336,8 +336,8 @@ static inline uint64_t rotl(uint64_t x, int k) {
     return (x << k) | (x >> (64 - k));
 }
 
-uint64_t levi_rng_u64(levi_rng *r) {
-    uint64_t *s = r->s;
+/* One xoshiro256** step on a state; inlined into loops that keep a local copy of it. */
+static inline uint64_t rng_next(uint64_t s[4]) {
     uint64_t result = rotl(s[1] * 5, 7) * 9;
     uint64_t t = s[1] << 17;
     s[2] ^= s[0];
@@ -347,6 +347,15 @@ uint64_t levi_rng_u64(levi_rng *r) {
     s[2] ^= t;
     s[3] = rotl(s[3], 45);
     return result;
+}
+
+/* [0, 1) from the top 24 bits of a draw: exact in a float. */
+static inline float rng_u01(uint64_t x) {
+    return (float)(x >> 40) * (1.0f / 16777216.0f);
+}
+
+uint64_t levi_rng_u64(levi_rng *r) {
+    return rng_next(r->s);
 }
 
 uint32_t levi_rng_below(levi_rng *r, uint32_t n) {
@@ -365,23 +374,21 @@ uint32_t levi_rng_below(levi_rng *r, uint32_t n) {
 }
 
 float levi_rng_uniform(levi_rng *r) {
-    return (float)(levi_rng_u64(r) >> 40) * (1.0f / 16777216.0f);
+    return rng_u01(rng_next(r->s));
 }
 
 /* levi_rng_dropout's loop for one choice of outputs (the flags are constants where it is
- * inlined, so each variant is a plain loop). */
+ * inlined, so each variant is a plain loop); the state lives in a local copy, in registers. */
 static inline void rng_dropout_loop(levi_rng *r, size_t n, float p, float *mask, float *x,
                                     int has_mask, int has_x) {
-    uint64_t s0 = r->s[0], s1 = r->s[1], s2 = r->s[2], s3 = r->s[3];
+    uint64_t s[4] = {r->s[0], r->s[1], r->s[2], r->s[3]};
     const float keep = 1.0f / (1.0f - p);
     for (size_t i = 0; i < n; i++) {
-        const uint64_t result = rotl(s1 * 5, 7) * 9, t = s1 << 17; // levi_rng_u64, inlined
-        s2 ^= s0, s3 ^= s1, s1 ^= s2, s0 ^= s3, s2 ^= t, s3 = rotl(s3, 45);
-        const float f = (float)(result >> 40) * (1.0f / 16777216.0f) < p ? 0.0f : keep;
+        const float f = rng_u01(rng_next(s)) < p ? 0.0f : keep;
         if (has_mask) mask[i] = f;
         if (has_x) x[i] *= f;
     }
-    r->s[0] = s0, r->s[1] = s1, r->s[2] = s2, r->s[3] = s3;
+    memcpy(r->s, s, sizeof s);
 }
 
 void levi_rng_dropout(levi_rng *r, size_t n, float p, float *mask, float *x) {
@@ -390,8 +397,10 @@ void levi_rng_dropout(levi_rng *r, size_t n, float p, float *mask, float *x) {
         rng_dropout_loop(r, n, p, mask, x, 1, 1);
     else if (mask)
         rng_dropout_loop(r, n, p, mask, NULL, 1, 0);
+    else if (x)
+        rng_dropout_loop(r, n, p, NULL, x, 0, 1);
     else
-        rng_dropout_loop(r, n, p, NULL, x, 0, x != NULL);
+        rng_dropout_loop(r, n, p, NULL, NULL, 0, 0); // the draws only: the stream moves on
 }
 
 float levi_rng_normal(levi_rng *r) {
