@@ -33,7 +33,7 @@ static float quick_normal(levi_rng *r) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 1, steps = 2000, warmup = 50, batch = 200, profile = 0;
+    int threads = 1, steps = 2000, warmup = 50, batch = 200, profile = 0, bf16 = 0;
     int64_t n = 100000;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc)
@@ -48,10 +48,13 @@ int main(int argc, char **argv) {
             n = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--profile"))
             profile = 1;
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc &&
+                 levi_precision_parse(argv[i + 1]) >= 0)
+            bf16 = levi_precision_parse(argv[++i]) == LEVI_PRECISION_BF16;
         else {
             fprintf(stderr,
                     "usage: %s [--threads N] [--steps S] [--warmup W] [--batch B] "
-                    "[--n-examples N] [--profile]\n",
+                    "[--n-examples N] [--profile] [--precision f32|bf16]\n",
                     argv[0]);
             return 2;
         }
@@ -105,6 +108,7 @@ int main(int argc, char **argv) {
     levi_train_params tp = levi_train_default_params();
     tp.batch_size = batch;
     tp.lr = 1e-3f;
+    tp.precision = bf16 ? LEVI_PRECISION_BF16 : LEVI_PRECISION_F32;
     levi_trainer *t = NULL;
     if (levi_trainer_init(&t, m, &d, perm, n, &tp, &err) != LEVI_OK) {
         fprintf(stderr, "trainer: %s\n", err.msg);
@@ -131,19 +135,20 @@ int main(int argc, char **argv) {
     double fwd_macs = (double)(EMB * NCAT * H1 + H1 * H2) + NL * ((double)(H2 + FD) * AH + AH);
     double flop_step = 3.0 * 2.0 * fwd_macs * (double)B;
     qsort(laps, (size_t)nlaps, sizeof(double), bench_cmp_double);
-    printf("levi threads=%d adapters=%s params=%zu batch=%d steps=%d\n", threads,
-           m->fused_first ? "fused" : "per-adapter", levi_model_n_params(m), batch, steps);
+    printf("levi threads=%d adapters=%s params=%zu batch=%d steps=%d precision=%s\n", threads,
+           m->fused_first ? "fused" : "per-adapter", levi_model_n_params(m), batch, steps,
+           bf16 ? "bf16" : "f32");
     printf("steps/s=%.1f  examples/s=%.0f  ms/step=%.2f  ~GFLOP/s=%.1f  per-200-step-lap steps/s "
            "min/median/max=%.1f/%.1f/%.1f  cpu/wall=%.2f  final loss=%.3f\n",
            steps / dt, steps * (double)B / dt, dt / steps * 1e3, flop_step * steps / dt * 1e-9,
            laps[0], laps[nlaps / 2], laps[nlaps - 1], cpu_wall, (double)loss);
     /* FLOPs per step: 3 x the forward's multiply-adds x 2 (forward + ~2x for backward), the
      * formula of bench_train.py; gathers, ReLU, the loss and Adam are not counted. */
-    bench_result("a", threads, "steps/s", steps / dt, flop_step * steps / dt * 1e-9, cpu_wall,
-                 " examples_per_s=%.0f lap_median=%.2f gflop_per_step=%.3f batch=%d steps=%d "
-                 "loss=%.4f",
-                 steps * (double)B / dt, laps[nlaps / 2], flop_step * 1e-9, batch, steps,
-                 (double)loss);
+    bench_result(
+        bf16 ? "g" : "a", threads, "steps/s", steps / dt, flop_step * steps / dt * 1e-9, cpu_wall,
+        " examples_per_s=%.0f lap_median=%.2f gflop_per_step=%.3f batch=%d steps=%d "
+        "loss=%.4f",
+        steps * (double)B / dt, laps[nlaps / 2], flop_step * 1e-9, batch, steps, (double)loss);
 
     if (profile) {
         /* The same step, phase by phase (mirrors levi_trainer_step), in process CPU time. */
@@ -162,11 +167,11 @@ int main(int argc, char **argv) {
             double b = bench_cpu_seconds();
             levi__gather_batch(m, &d, rows, B, &mr, 1);
             double c = bench_cpu_seconds();
-            levi__forward(m, B);
+            levi__forward(m, B, bf16);
             double e = bench_cpu_seconds();
             levi__loss(m, B);
             double f = bench_cpu_seconds();
-            levi__backward(m, B);
+            levi__backward(m, B, bf16);
             double g = bench_cpu_seconds();
             levi_optim_step(o);
             double h = bench_cpu_seconds();

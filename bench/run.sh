@@ -6,6 +6,8 @@
 # For: bench/bench_{train,encoder,encoder_train,e2e,effnet,peak}.c (built beforehand; this
 # script builds nothing) against bench/pytorch/*.py. Cases:
 #   a  LEVI training step on cached features (bench_train: 6 adapters, batch 200, Adam)
+#   g  case a in mixed precision: levi's --precision bf16 (bfloat16 operands, f32 sums) against
+#      PyTorch's torch.autocast("cpu", bfloat16); %peak is still against the f32 SGEMM peak
 #   b  MiniLM-L6 encoder forward, batch 64 x seq 64, all hidden states (bench_encoder)
 #   c  encoder fine-tuning step, batch 32 x seq 64: mean-pool -> linear -> MSE, backward into
 #      every weight, Adam (bench_encoder_train)
@@ -27,7 +29,7 @@
 # Not for: correctness (ctest), or building (cmake --build <dir>).
 #
 # Usage: bench/run.sh [--build DIR] [--threads N] [--rounds R] [--quick] [--smoke]
-#                     [--only a,b,c,d,e,f] [--json FILE] [--rows N] [--epochs E] [--levi-only]
+#                     [--only a,b,c,d,e,f,g] [--json FILE] [--rows N] [--epochs E] [--levi-only]
 #                     [--e-shape BxS] [--f-shape BxS]
 #   --build DIR   build folder holding the bench_* executables (default: <repo>/build)
 #   --threads N   threads for both sides (default 1); at >= 2 both run with
@@ -35,7 +37,7 @@
 #   --rounds R    interleaved repetitions (default 3; --quick 1)
 #   --quick       fewer iterations per run and 200 rows in case d (minutes, not tens)
 #   --smoke       tiny shapes for tests: seconds; the figures mean nothing
-#   --only LIST   comma-separated subset of a,b,c,d,e,f (default: all)
+#   --only LIST   comma-separated subset of a,b,c,d,e,f,g (default: all)
 #   --json FILE   also write the numbers as JSON
 #   --rows N, --epochs E   case d's size (default 2000 rows, 3 epochs)
 #   --levi-only   do not run the PyTorch side
@@ -53,13 +55,13 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=$root/build threads=1 rounds= mode=full only=a,b,c,d,e,f json= rows= epochs=3 levi_only=0
+build=$root/build threads=1 rounds= mode=full only=a,b,c,d,e,f,g json= rows= epochs=3 levi_only=0
 e_shape= f_shape=
 
 die_usage() {
     echo "bench/run.sh: $*" >&2
     echo "usage: bench/run.sh [--build DIR] [--threads N] [--rounds R] [--quick] [--smoke]" \
-        "[--only a,b,c,d,e,f] [--json FILE] [--rows N] [--epochs E] [--levi-only]" \
+        "[--only a,b,c,d,e,f,g] [--json FILE] [--rows N] [--epochs E] [--levi-only]" \
         "[--e-shape BxS] [--f-shape BxS]" >&2
     exit 2
 }
@@ -79,7 +81,7 @@ while (($#)); do
     --quick) mode=quick ;;
     --smoke) mode=smoke ;;
     --only)
-        [[ ${2:-} =~ ^[a-f](,[a-f])*$ ]] || die_usage "--only: expected a comma list of a,b,c,d,e,f, found '${2:-}'"
+        [[ ${2:-} =~ ^[a-g](,[a-g])*$ ]] || die_usage "--only: expected a comma list of a,b,c,d,e,f,g, found '${2:-}'"
         only=$2; shift ;;
     --e-shape) need_shape "$1" "${2:-}"; e_shape=$2; shift ;;
     --f-shape) need_shape "$1" "${2:-}"; f_shape=$2; shift ;;
@@ -202,6 +204,8 @@ run_one() { # run_one CASE SIDE ROUND
     peak.levi) cmd=("$build/bench_peak" --threads "$threads" --reps "$peak_reps") ;;
     a.levi) cmd=("$build/bench_train" --threads "$threads" "${a_args[@]}") ;;
     a.torch) cmd=("$py" "$root/bench/pytorch/bench_train.py" --threads "$threads" "${a_args[@]}") ;;
+    g.levi) cmd=("$build/bench_train" --threads "$threads" "${a_args[@]}" --precision bf16) ;;
+    g.torch) cmd=("$py" "$root/bench/pytorch/bench_train.py" --threads "$threads" "${a_args[@]}" --precision bf16) ;;
     b.levi) cmd=("$build/bench_encoder" --threads "$threads" "${b_args[@]}") ;;
     b.torch) cmd=("$py" "$root/bench/pytorch/bench_encoder.py" --threads "$threads" "${b_args[@]}") ;;
     c.levi) cmd=("$build/bench_encoder_train" --threads "$threads" "${c_args[@]}") ;;
@@ -270,6 +274,7 @@ gemm=$(values peak levi gemm | sed -n 1p)
 
 declare -A name=(
     [a]="LEVI train step, cached features (6 adapters, batch 200, Adam)"
+    [g]="LEVI train step as a, mixed precision (bf16 products; torch.autocast)"
     [b]="MiniLM encoder forward, 64 x 64, all hidden states"
     [c]="MiniLM fine-tune step, 32 x 64 (fwd+bwd+Adam)"
     [d]="End to end: MovieLens $rows rows, extract + LEVI fit $epochs epochs")
@@ -390,7 +395,7 @@ if [[ $only == *[ef]* ]]; then
     printf '  e/f weights: %s\n' "$effnet_weights"
     for chk in ${checks[@]+"${checks[@]}"}; do printf '  same work %s\n' "$chk"; done
 fi
-printf '  throughput: median over rounds (a: steps/s, b/c: tokens/s, d: rows/s, e/f: images/s);\n'
+printf '  throughput: median over rounds (a, g: steps/s, b/c: tokens/s, d: rows/s, e/f: images/s);\n'
 printf '  GFLOP/s from the shapes (formulas in bench/bench_*.c and bench/pytorch/*.py);\n'
 printf '  %%peak = GFLOP/s / SGEMM 512^3;'
 printf ' RSS = ru_maxrss of the process (max over rounds);\n'

@@ -106,6 +106,23 @@ grep -q "settings changed since the saved run" "$tmp/log_fd" ||
 grep -Eq '"feature_dropout":[[:space:]]*0[,}]' "$tmp/fd0/runs/levi/seed0/config.json" ||
     fail "--feature-dropout 0 did not reach runs/levi/seed0/config.json"
 
+# 3c. --precision bf16: a saved f32 run counts as changed and trains again; the run's config,
+#     fit.json and report.md say bf16; an unknown precision is a usage error (exit 2).
+cp -r "$out" "$tmp/bf16"
+"$levi" fit movielens --subsample 3000 --epochs 2 --seeds 1 --lrs 1e-3 --methods levi \
+    --out "$tmp/bf16" --data "$data" --model "$model" --jobs 1 --precision bf16 >"$tmp/log_bf" 2>&1 ||
+    { tail -10 "$tmp/log_bf"; fail "levi fit --precision bf16 failed"; }
+grep -q "settings changed since the saved run" "$tmp/log_bf" ||
+    fail "--precision bf16 did not invalidate the saved f32 levi run"
+grep -Eq '"precision":[[:space:]]*"bf16"' "$tmp/bf16/runs/levi/seed0/config.json" ||
+    fail "--precision bf16 did not reach runs/levi/seed0/config.json"
+grep -Eq '"precision":[[:space:]]*"bf16"' "$tmp/bf16/fit.json" || fail "fit.json lacks precision bf16"
+grep -q "bfloat16" "$tmp/bf16/report.md" || fail "report.md does not say the heads trained in bf16"
+"$levi" fit movielens --out "$tmp/bad" --precision fp8 >"$tmp/log_bp" 2>&1
+rc=$?
+[ $rc -eq 2 ] && grep -q -- "--precision: expected f32 or bf16, found 'fp8'" "$tmp/log_bp" ||
+    fail "--precision fp8: exit $rc, $(head -c 200 "$tmp/log_bp")"
+
 # 4. levi eval recomputes the metrics from the checkpoints: the same numbers.
 "$levi" eval "$out" >"$tmp/log3" 2>&1
 rc=$?

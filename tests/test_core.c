@@ -175,6 +175,64 @@ static void test_gemm(void **state) {
     levi_set_gemm_backend("onednn", &err);
 }
 
+static float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* levi_gemm_bf16 = the naive product of the operands rounded to bfloat16 (to nearest, ties to
+ * even), every transpose, alpha and beta, strided operands, a shape repeated after others (the
+ * kept primitive) giving the same bits. */
+static void test_gemm_bf16(void **state) {
+    (void)state;
+    assert_true(levi_bf16_round(1.0f) == 1.0f);
+    assert_true(levi_bf16_round(bits_float(0x3F808000u)) == 1.0f);       /* tie: to even */
+    assert_true(levi_bf16_round(bits_float(0x3F818000u)) == 1.015625f);  /* tie: to even */
+    assert_true(levi_bf16_round(bits_float(0x3F80C000u)) == 1.0078125f); /* above the tie */
+    assert_true(levi_bf16_round(bits_float(0x3F807FFFu)) == 1.0f);       /* below the tie */
+    assert_true(levi_bf16_round(-2.5f) == -2.5f);
+    assert_true(isinf(levi_bf16_round(INFINITY)) && isinf(levi_bf16_round(3.4e38f)));
+    assert_true(isnan(levi_bf16_round(NAN)) && isnan(levi_bf16_round(bits_float(0x7F800001u))));
+    const int shapes[][3] = {{37, 29, 41}, {70, 65, 130}, {200, 256, 384}, {3, 20, 17}};
+    enum { LD = 400 };
+    size_t n = (size_t)LD * LD;
+    levi_rng r;
+    levi_rng_seed(&r, 2);
+    float *A = malloc(n * 4), *B = malloc(n * 4), *Ar = malloc(n * 4), *Br = malloc(n * 4);
+    float *C1 = malloc(n * 4), *C2 = malloc(n * 4), *C3 = malloc(n * 4), *C0 = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) {
+        A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
+        Ar[i] = levi_bf16_round(A[i]), Br[i] = levi_bf16_round(B[i]);
+    }
+    for (int s = 0; s < 4; s++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++)
+                for (int beta = 0; beta < 3; beta += 2) {
+                    int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                    for (size_t i = 0; i < n; i++) C0[i] = C1[i] = C2[i] = (float)(i % 7);
+                    levi_gemm_bf16(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C1, LD);
+                    levi_gemm_ref(ta, tb, M, N, K, 0.5f, Ar, LD, Br, LD, (float)beta, C2, LD);
+                    levi_gemm_ref(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C0, LD);
+                    /* outside the M x N block C stays as it was */
+                    assert_true(levi_test_max_abs_diff(C1, C2, (int)n) < 1e-4f * (1 + K / 64));
+                    /* and the operands were rounded: the f32 product is further away */
+                    assert_true(levi_test_max_abs_diff(C1, C0, (int)n) > 1e-3f);
+                }
+    /* The first shape again, after the others: the same bits as a fresh call sequence. */
+    for (int rep = 0; rep < 2; rep++) {
+        float *C = rep ? C3 : C1;
+        for (size_t i = 0; i < n; i++) C[i] = 1.0f;
+        levi_gemm_bf16(1, 0, 200, 256, 384, 1.0f, A, LD, B, LD, 1.0f, C, LD);
+        if (!rep)
+            for (int s = 0; s < 4; s++)
+                levi_gemm_bf16(0, 1, shapes[s][0], shapes[s][1], shapes[s][2], 1.0f, A, LD, B, LD,
+                               0.0f, C2, LD);
+    }
+    assert_memory_equal(C1, C3, n * sizeof(float));
+    free(A), free(B), free(Ar), free(Br), free(C0), free(C1), free(C2), free(C3);
+}
+
 /* Training is deterministic for a seed and thread count; the large-GEMM back end must not
  * depend on anything else (timing, call order): two calls give the same bits. */
 static void test_gemm_repeatable(void **state) {
@@ -376,6 +434,7 @@ int main(void) {
         cmocka_unit_test(test_rng_dropout),
         cmocka_unit_test(test_gemm),
         cmocka_unit_test(test_gemm_repeatable),
+        cmocka_unit_test(test_gemm_bf16),
         cmocka_unit_test(test_wpack),
         cmocka_unit_test(test_gemm_rows_independent),
         cmocka_unit_test(test_signals_during_gemm),

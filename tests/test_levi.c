@@ -117,7 +117,7 @@ static levi_model *make_model(const levi_head_params *hp, const levi_task_data *
 
 static double batch_loss(levi_model *m, const levi_task_data *d, const int64_t *rows, int64_t B) {
     levi__gather_batch(m, d, rows, B, NULL, 1);
-    levi__forward(m, B);
+    levi__forward(m, B, 0);
     return levi__loss(m, B);
 }
 
@@ -167,7 +167,7 @@ static void gradcheck(levi_method method, int n_classes, int standardize) {
     levi_params *p = levi_model_params(m);
     levi_params_zero_grad(p);
     batch_loss(m, &s.d, rows, 7);
-    levi__backward(m, 7);
+    levi__backward(m, 7, 0);
     float *an = malloc(p->numel * sizeof(float));
     memcpy(an, p->grad, p->numel * sizeof(float));
     double worst = 0;
@@ -252,7 +252,7 @@ static void test_fused_vs_reference(void **state) {
     levi_params *p = levi_model_params(m);
     levi_params_zero_grad(p);
     batch_loss(m, &s.d, rows, B);
-    levi__backward(m, B);
+    levi__backward(m, B, 0);
     int na = m->n_adapters;
     assert_int_equal(na, NL);
     float *out = malloc(sizeof(float) * B * na);
@@ -311,7 +311,7 @@ static void test_fused_vs_reference(void **state) {
     levi__set_fused(m, 0);
     levi_params_zero_grad(p);
     batch_loss(m, &s.d, rows, B);
-    levi__backward(m, B);
+    levi__backward(m, B, 0);
     double d_out = levi_test_max_rel_diff(m->ws.out, out, B * na, 0.1);
     double d_grad = levi_test_max_rel_diff(p->grad, g_fused, (int64_t)p->numel, 1e-3);
     printf("fused vs per-adapter GEMMs: outputs %.2e, gradients %.2e\n", d_out, d_grad);
@@ -409,6 +409,56 @@ static void test_learns_synthetic(void **state) {
     free(val);
     free(test);
     levi_model_free(m);
+    synth_free(&s);
+}
+
+/* Mixed precision (LEVI_PRECISION_BF16): learns as f32 training does, to within what the
+ * rounding moves, deterministically, and through other products than f32 (different bits). */
+static void test_bf16_training(void **state) {
+    (void)state;
+    synth s;
+    int32_t cards[2] = {41, 13};
+    synth_make(&s, 4000, 2, cards, 1, 3, 8, 0, 0.05f, 1);
+    int64_t *train = range(0, 3000), *val = range(3000, 3500), *test = range(3500, 4000);
+    levi_error err = {0};
+    float *w[3];
+    double rmse[3];
+    for (int run = 0; run < 3; run++) {
+        levi_head_params hp = tiny_levi();
+        hp.feature_dropout = 0.0f; /* as in test_learns_synthetic */
+        levi_model *m = make_model(&hp, &s.d);
+        levi_train_params tp = quick_train(20);
+        tp.seed = 1;
+        tp.precision = run ? LEVI_PRECISION_BF16 : LEVI_PRECISION_F32;
+        if (levi_train(m, &s.d, train, 3000, val, 500, &tp, NULL, &err) != LEVI_OK)
+            fail_msg("levi_train (%s): %s", levi_precision_name(tp.precision), err.msg);
+        levi_metrics mt;
+        assert_int_equal(levi_evaluate(m, &s.d, test, 500, &mt, &err), LEVI_OK);
+        rmse[run] = mt.metric;
+        size_t np = levi_model_n_params(m);
+        w[run] = malloc(np * sizeof(float));
+        memcpy(w[run], levi_model_params(m)->data, np * sizeof(float));
+        if (run == 2) {
+            assert_memory_equal(w[1], w[2], np * sizeof(float)); /* deterministic */
+            assert_true(memcmp(w[0], w[1], np * sizeof(float)) != 0);
+        }
+        levi_model_free(m);
+    }
+    printf("synthetic: test RMSE f32 %.4f, bf16 %.4f\n", rmse[0], rmse[1]);
+    assert_true(rmse[0] < 0.2 && rmse[1] < 0.2);
+    assert_true(fabs(rmse[1] - rmse[0]) < 0.03);
+    assert_string_equal(levi_precision_name(LEVI_PRECISION_BF16), "bf16");
+    assert_int_equal(levi_precision_parse("f32"), LEVI_PRECISION_F32);
+    assert_int_equal(levi_precision_parse("fp16"), -1);
+    levi_head_params hp = tiny_levi();
+    levi_model *m = make_model(&hp, &s.d);
+    levi_train_params tp = quick_train(1);
+    tp.precision = (levi_precision)7;
+    assert_int_equal(levi_train(m, &s.d, train, 3000, val, 500, &tp, NULL, &err), LEVI_ERR_ARG);
+    assert_non_null(strstr(err.msg, "precision"));
+    levi_model_free(m);
+    for (int run = 0; run < 3; run++) free(w[run]);
+    free(train), free(val), free(test);
     synth_free(&s);
 }
 
@@ -997,6 +1047,7 @@ int main(void) {
         cmocka_unit_test(test_gradcheck),
         cmocka_unit_test(test_fused_vs_reference),
         cmocka_unit_test(test_learns_synthetic),
+        cmocka_unit_test(test_bf16_training),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_selection_ignores_ood),
         cmocka_unit_test(test_checkpoint_roundtrip),

@@ -5,7 +5,10 @@ bench/bench_train.c (bench/run.sh case a). The repo's copy of
 ../shared/bench/pytorch/bench_train.py (same model, data sizes, batch slicing and FLOP
 formula) with the result line run.sh parses, the process's peak memory, and laps shorter than
 200 steps allowed (smoke tests).
-Usage: python3 bench_train.py [--threads N] [--steps 2000] [--batch 200] [--n-examples 100000] [--batched-adapters]
+--precision bf16 runs the forward and the loss under torch.autocast("cpu", bfloat16), PyTorch's
+mixed precision (the Linear layers' products in bfloat16, weights and Adam in f32): the reference
+of `bench_train --precision bf16` (run.sh case g).
+Usage: python3 bench_train.py [--threads N] [--steps 2000] [--batch 200] [--n-examples 100000] [--batched-adapters] [--precision f32|bf16]
 Not for: accuracy.
 """
 import argparse, os, sys, time
@@ -20,6 +23,7 @@ ap.add_argument("--batch", type=int, default=200)
 ap.add_argument("--n-examples", type=int, default=100000)
 ap.add_argument("--batched-adapters", action="store_true",
                 help="run the 6 adapters as one bmm instead of 6 Linear stacks")
+ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
 args = ap.parse_args()
 common.setup_threads(args.threads)
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -62,8 +66,9 @@ nparams = sum(p.numel() for p in model.parameters())
 
 
 def step(idx):
-    pred = model(ids[idx], feats[idx])
-    loss = F.mse_loss(pred, target[idx].unsqueeze(1).expand_as(pred))  # = mean over the 6 adapters' MSE
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        pred = model(ids[idx], feats[idx])
+        loss = F.mse_loss(pred.float(), target[idx].unsqueeze(1).expand_as(pred))  # = mean over the 6 adapters' MSE
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     return loss
 
@@ -88,10 +93,10 @@ dt = time.perf_counter() - t0; cpu_wall = (time.process_time() - c0) / dt
 fwd_macs = (EMB * 6 * H1 + H1 * H2) + NL * ((H2 + FD) * AH + AH)
 flop_step = 3 * 2 * fwd_macs * B          # fwd + ~2x for backward
 print(f"torch {torch.__version__} threads={torch.get_num_threads()} OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} "
-      f"adapters={'bmm' if args.batched_adapters else '6xLinear'} params={nparams} batch={B} steps={args.steps}")
+      f"adapters={'bmm' if args.batched_adapters else '6xLinear'} params={nparams} batch={B} steps={args.steps} precision={args.precision}")
 print(f"steps/s={args.steps / dt:.1f}  examples/s={args.steps * B / dt:.0f}  ms/step={dt / args.steps * 1e3:.2f}  "
       f"~GFLOP/s={flop_step * args.steps / dt * 1e-9:.1f}  per-200-step-lap steps/s min/median/max="
       f"{min(laps):.1f}/{sorted(laps)[len(laps) // 2]:.1f}/{max(laps):.1f}  cpu/wall={cpu_wall:.2f}  final loss={loss.item():.3f}")
-common.result("a", args.threads, "steps/s", args.steps / dt, flop_step * args.steps / dt * 1e-9, cpu_wall,
+common.result("g" if args.precision == "bf16" else "a", args.threads, "steps/s", args.steps / dt, flop_step * args.steps / dt * 1e-9, cpu_wall,
               examples_per_s=round(args.steps * B / dt), lap_median=sorted(laps)[len(laps) // 2],
               gflop_per_step=round(flop_step * 1e-9, 3), batch=B, steps=args.steps, loss=loss.item())

@@ -191,6 +191,16 @@ void levi_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const
 void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
+/* levi_gemm with op(A) and op(B) rounded to bfloat16 (to nearest even) and the products summed
+ * in f32 (oneDNN's bfloat16 matmul where the build and the CPU have it: about twice the f32
+ * speed on CPUs with AVX512_BF16 or AMX; else the rounded operands through levi_gemm).
+ * For training's products, where mixed precision is asked for; unlike levi_gemm, a row's
+ * result may depend on M. Serialised by a lock: one product at a time per process.
+ * levi_bf16_round(x) is x rounded as the operands are. */
+void levi_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
+float levi_bf16_round(float x);
+
 /* ---------------------------------------------------------------------------------------
  * Packed weights: C[M,N] = A[M,K] W^T + beta * C (beta 0 or 1; A and C dense, row strides K
  * and N) for one weight matrix W [N,K] applied to many rows. levi_wpack_set takes W: with

@@ -192,15 +192,26 @@ typedef struct levi_train_progress {
 } levi_train_progress;
 typedef void (*levi_progress_fn)(void *user, const levi_train_progress *p);
 
+typedef enum { LEVI_PRECISION_F32 = 0, LEVI_PRECISION_BF16 } levi_precision;
+const char *levi_precision_name(levi_precision p); /* "f32", "bf16" */
+int levi_precision_parse(const char *name);        /* -1 when unknown */
+
 typedef struct levi_train_params {
-    float lr;                    /* 1e-3 */
-    int batch_size;              /* 200 */
-    int max_epochs;              /* 30 */
-    int patience;                /* 6: stop after this many epochs without a better ID-val metric
-                                    (3 stopped LEVI seeds at epoch 2-4 on noisy MovieLens
-                                    validation curves; 6 gave a better ID-val RMSE) */
-    uint64_t seed;               /* init, shuffles and masking all come from it */
-    levi_opt_kind optimizer;     /* Adam */
+    float lr;                /* 1e-3 */
+    int batch_size;          /* 200 */
+    int max_epochs;          /* 30 */
+    int patience;            /* 6: stop after this many epochs without a better ID-val metric
+                                (3 stopped LEVI seeds at epoch 2-4 on noisy MovieLens
+                                validation curves; 6 gave a better ID-val RMSE) */
+    uint64_t seed;           /* init, shuffles and masking all come from it */
+    levi_opt_kind optimizer; /* Adam */
+    /* Precision of the training step's matrix products: LEVI_PRECISION_F32 (default), or
+       LEVI_PRECISION_BF16: operands rounded to bfloat16, sums in f32 (levi_gemm_bf16), as in
+       mixed-precision training; weights, gradients, the optimizer and every prediction and
+       evaluation stay f32. About twice the products' speed on CPUs with bfloat16 dot products
+       (AVX512_BF16, AMX). Results differ from f32 training's by about as much as another
+       seed's (docs/results-movielens.md). */
+    levi_precision precision;
     float weight_decay;          /* 0 */
     float clip_norm;             /* 0: none */
     int64_t max_steps_per_epoch; /* 0: whole epochs (for tests and benchmarks) */

@@ -60,6 +60,7 @@ typedef struct fit_config {
     double subsample_frac;  /* 1 and subsample_rows 0: no subsampling */
     int64_t subsample_rows; /* 0: no cap */
     float feature_dropout;  /* --feature-dropout; NaN: the spec's, else each method's default */
+    int precision;          /* --precision: levi_precision of the cached-feature heads' steps */
 } fit_config;
 
 /* The loaded pipeline: spec, dataset, features, task data, eval sets. */

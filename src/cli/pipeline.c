@@ -261,6 +261,7 @@ cJSON *fit_config_to_json(const fit_config *cfg) {
         cJSON_AddNullToObject(o, "feature_dropout"); /* the spec's, else the methods' default */
     else
         cJSON_AddNumberToObject(o, "feature_dropout", cfg->feature_dropout);
+    cJSON_AddStringToObject(o, "precision", levi_precision_name(cfg->precision));
     return o;
 }
 
@@ -346,6 +347,13 @@ levi_status fit_config_from_json(const char *path, fit_config *cfg, levi_error *
     if (fd && !cJSON_IsNull(fd)) {
         if ((st = get_number(o, path, "feature_dropout", 0, 0.999999, &v, err))) goto done;
         cfg->feature_dropout = (float)v;
+    }
+    cfg->precision = LEVI_PRECISION_F32; /* absent in older files */
+    const cJSON *pr = cJSON_GetObjectItemCaseSensitive(o, "precision");
+    if (pr &&
+        (!cJSON_IsString(pr) || (cfg->precision = levi_precision_parse(pr->valuestring)) < 0)) {
+        st = levi_errorf(err, LEVI_ERR_FORMAT, "%s: precision: expected \"f32\" or \"bf16\"", path);
+        goto done;
     }
 done:
     cJSON_Delete(o);

@@ -639,6 +639,9 @@ static void md_header(FILE *f, const cJSON *results) {
     if (v && !cJSON_IsNull(v)) fprintf(f, "- Subsample: %s\n", str(cfg, "subsample"));
     fprintf(f, "- Seeds: %.0f; epochs at most %.0f, patience %.0f, batch %.0f\n", num(cfg, "seeds"),
             num(cfg, "epochs"), num(cfg, "patience"), num(cfg, "batch"));
+    if (!strcmp(str(cfg, "precision"), "bf16"))
+        fprintf(f, "- Precision: the heads' training products with bfloat16 operands, f32 sums "
+                   "(`--precision bf16`); evaluation in f32\n");
     fprintf(f, "- Learning rate: chosen per method on ID validation with seed %.0f",
             num(cfg, "first_seed"));
     const cJSON *lrs = cJSON_GetObjectItemCaseSensitive(cfg, "lrs");

@@ -829,6 +829,16 @@ void levi__gather_batch(levi_model *m, const levi_task_data *d, const int64_t *r
     }
 }
 
+/* The heads' matrix products: f32, or with bfloat16 operands for mixed-precision training
+ * (products too narrow for a kernel to gain from it stay f32). */
+static void mm(int bf16, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+               const float *B, int ldb, float beta, float *C, int ldc) {
+    if (bf16 && N >= 16 && K >= 16)
+        levi_gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else
+        levi_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 /* ---- forward / loss / backward ----------------------------------------------------------- */
 
 static void softmax_rows(float *p, const float *x, int64_t rows, int C, int ldx, int ldp) {
@@ -858,7 +868,7 @@ static void bias_forward(levi_model *m, int64_t B) {
     }
 }
 
-void levi__forward(levi_model *m, int64_t B) {
+void levi__forward(levi_model *m, int64_t B, int bf16) {
     levi__workspace *w = &m->ws;
     if (m->hp.method == LEVI_METHOD_BIAS) {
         bias_forward(m, B);
@@ -875,7 +885,7 @@ void levi__forward(levi_model *m, int64_t B) {
             float *o = w->act[l];
             // o[B,N] = relu(x[B,K] @ W[N,K]^T + b[N])
             fill_rows(o, P(m, m->p_small_b[l]), B, N, N);
-            levi_gemm(0, 1, bi, N, K, 1.0f, x, K, P(m, m->p_small_w[l]), K, 1.0f, o, N);
+            mm(bf16, 0, 1, bi, N, K, 1.0f, x, K, P(m, m->p_small_w[l]), K, 1.0f, o, N);
             relu_rows(o, B * N);
             x = o;
             K = N;
@@ -889,20 +899,20 @@ void levi__forward(levi_model *m, int64_t B) {
     if (h) {
         if (m->fused_first) {
             // z[B, NA*F] += h[B,S] @ W1s_all[NA*F, S]^T, W1s_all rows strided by adapter_in
-            levi_gemm(0, 1, bi, na * F, S, 1.0f, h, S, P(m, m->p_a1w[0]), m->adapter_in[0], 1.0f,
-                      w->z, ldz);
+            mm(bf16, 0, 1, bi, na * F, S, 1.0f, h, S, P(m, m->p_a1w[0]), m->adapter_in[0], 1.0f,
+               w->z, ldz);
         } else {
             for (int j = 0; j < na; j++)
-                levi_gemm(0, 1, bi, F, S, 1.0f, h, S, P(m, m->p_a1w[j]), m->adapter_in[j], 1.0f,
-                          w->z + j * F, ldz);
+                mm(bf16, 0, 1, bi, F, S, 1.0f, h, S, P(m, m->p_a1w[j]), m->adapter_in[j], 1.0f,
+                   w->z + j * F, ldz);
         }
     }
     for (int j = 0; j < na; j++) {
         int u = m->adapter_slot[j];
         if (u < 0) continue;
         // z_j[B,F] += g_u[B,FD] @ W1f_j[F,FD]^T (g_u and W1f_j read in place via strides)
-        levi_gemm(0, 1, bi, F, fd, 1.0f, w->g + (size_t)u * fd, ldg, P(m, m->p_a1w[j]) + S,
-                  m->adapter_in[j], 1.0f, w->z + j * F, ldz);
+        mm(bf16, 0, 1, bi, F, fd, 1.0f, w->g + (size_t)u * fd, ldg, P(m, m->p_a1w[j]) + S,
+           m->adapter_in[j], 1.0f, w->z + j * F, ldz);
     }
     int no = m->n_out, ldo = na * no;
     if (m->hp.adapter_hidden > 0 && no == 1) {
@@ -928,8 +938,8 @@ void levi__forward(levi_model *m, int64_t B) {
         for (int j = 0; j < na; j++) {
             // out_j[B,O] = z_j[B,F] @ W2_j[O,F]^T + b2_j
             fill_rows(w->out + j * no, P(m, m->p_a2b[j]), B, no, ldo);
-            levi_gemm(0, 1, bi, no, F, 1.0f, w->z + j * F, ldz, P(m, m->p_a2w[j]), F, 1.0f,
-                      w->out + j * no, ldo);
+            mm(bf16, 0, 1, bi, no, F, 1.0f, w->z + j * F, ldz, P(m, m->p_a2w[j]), F, 1.0f,
+               w->out + j * no, ldo);
         }
     } else {
         memcpy(w->out, w->z, (size_t)B * (size_t)ldo * sizeof(float));
@@ -975,7 +985,7 @@ static void bias_backward(levi_model *m, int64_t B) {
     }
 }
 
-void levi__backward(levi_model *m, int64_t B) {
+void levi__backward(levi_model *m, int64_t B, int bf16) {
     levi__workspace *w = &m->ws;
     if (m->hp.method == LEVI_METHOD_BIAS) {
         bias_backward(m, B);
@@ -1012,11 +1022,11 @@ void levi__backward(levi_model *m, int64_t B) {
         dz = w->dz;
         for (int j = 0; j < na; j++) {
             // dW2_j[O,F] += dout_j^T @ z_j; db2_j += sum_b dout_j; dz_j = dout_j @ W2_j
-            levi_gemm(1, 0, no, F, bi, 1.0f, w->dout + j * no, ldo, w->z + j * F, ldz, 1.0f,
-                      G(m, m->p_a2w[j]), F);
+            mm(bf16, 1, 0, no, F, bi, 1.0f, w->dout + j * no, ldo, w->z + j * F, ldz, 1.0f,
+               G(m, m->p_a2w[j]), F);
             colsum_add(G(m, m->p_a2b[j]), w->dout + j * no, B, no, ldo);
-            levi_gemm(0, 0, bi, F, no, 1.0f, w->dout + j * no, ldo, P(m, m->p_a2w[j]), F, 0.0f,
-                      dz + j * F, ldz);
+            mm(bf16, 0, 0, bi, F, no, 1.0f, w->dout + j * no, ldo, P(m, m->p_a2w[j]), F, 0.0f,
+               dz + j * F, ldz);
         }
         relu_mask(dz, w->z, B * ldz);
     } else {
@@ -1027,24 +1037,24 @@ void levi__backward(levi_model *m, int64_t B) {
         int u = m->adapter_slot[j];
         if (u < 0) continue;
         // dW1f_j[F,FD] += dz_j^T @ g_u
-        levi_gemm(1, 0, F, fd, bi, 1.0f, dz + j * F, ldz, w->g + (size_t)u * fd, ldg, 1.0f,
-                  G(m, m->p_a1w[j]) + S, m->adapter_in[j]);
+        mm(bf16, 1, 0, F, fd, bi, 1.0f, dz + j * F, ldz, w->g + (size_t)u * fd, ldg, 1.0f,
+           G(m, m->p_a1w[j]) + S, m->adapter_in[j]);
     }
     if (!m->hp.use_small) return;
     const float *h = w->act[m->n_small - 1];
     float *dh = w->dact[0];
     if (m->fused_first) {
         // dW1s_all[NA*F, S] += dz^T @ h; dh[B,S] = dz @ W1s_all
-        levi_gemm(1, 0, na * F, S, bi, 1.0f, dz, ldz, h, S, 1.0f, G(m, m->p_a1w[0]),
-                  m->adapter_in[0]);
-        levi_gemm(0, 0, bi, S, na * F, 1.0f, dz, ldz, P(m, m->p_a1w[0]), m->adapter_in[0], 0.0f, dh,
-                  S);
+        mm(bf16, 1, 0, na * F, S, bi, 1.0f, dz, ldz, h, S, 1.0f, G(m, m->p_a1w[0]),
+           m->adapter_in[0]);
+        mm(bf16, 0, 0, bi, S, na * F, 1.0f, dz, ldz, P(m, m->p_a1w[0]), m->adapter_in[0], 0.0f, dh,
+           S);
     } else {
         for (int j = 0; j < na; j++) {
-            levi_gemm(1, 0, F, S, bi, 1.0f, dz + j * F, ldz, h, S, 1.0f, G(m, m->p_a1w[j]),
-                      m->adapter_in[j]);
-            levi_gemm(0, 0, bi, S, F, 1.0f, dz + j * F, ldz, P(m, m->p_a1w[j]), m->adapter_in[j],
-                      j == 0 ? 0.0f : 1.0f, dh, S);
+            mm(bf16, 1, 0, F, S, bi, 1.0f, dz + j * F, ldz, h, S, 1.0f, G(m, m->p_a1w[j]),
+               m->adapter_in[j]);
+            mm(bf16, 0, 0, bi, S, F, 1.0f, dz + j * F, ldz, P(m, m->p_a1w[j]), m->adapter_in[j],
+               j == 0 ? 0.0f : 1.0f, dh, S);
         }
     }
     float *d = dh;
@@ -1055,10 +1065,10 @@ void levi__backward(levi_model *m, int64_t B) {
         const float *x = l > 0 ? w->act[l - 1] : w->x0;
         relu_mask_colsum(d, G(m, m->p_small_b[l]), w->act[l], B, N);
         // dW_l[N,K] += d^T @ x; db_l += sum_b d (above); dx[B,K] = d @ W_l
-        levi_gemm(1, 0, N, K, bi, 1.0f, d, N, x, K, 1.0f, G(m, m->p_small_w[l]), K);
+        mm(bf16, 1, 0, N, K, bi, 1.0f, d, N, x, K, 1.0f, G(m, m->p_small_w[l]), K);
         if (l == 0 && m->n_cat == 0) break; /* numeric inputs need no gradient */
         float *dx = l > 0 ? w->dact[1 - ping] : w->dx0;
-        levi_gemm(0, 0, bi, K, N, 1.0f, d, N, P(m, m->p_small_w[l]), K, 0.0f, dx, K);
+        mm(bf16, 0, 0, bi, K, N, 1.0f, d, N, P(m, m->p_small_w[l]), K, 0.0f, dx, K);
         d = dx;
         ping = 1 - ping;
     }
@@ -1218,7 +1228,7 @@ levi_status levi_predict(levi_model *m, const levi_task_data *d, const int64_t *
     for (int64_t s = 0; s < n; s += LEVI__EVAL_BATCH) {
         int64_t B = n - s < LEVI__EVAL_BATCH ? n - s : LEVI__EVAL_BATCH;
         levi__gather_batch(m, d, rows + s, B, NULL, 0);
-        levi__forward(m, B);
+        levi__forward(m, B, 0);
         levi__ensemble(m, B);
         memcpy(ens + s * no, m->ws.ens, (size_t)(B * no) * sizeof(float));
         if (per_adapter) {
@@ -1250,7 +1260,7 @@ levi_status levi_evaluate(levi_model *m, const levi_task_data *d, const int64_t 
     for (int64_t s = 0; s < n; s += LEVI__EVAL_BATCH) {
         int64_t B = n - s < LEVI__EVAL_BATCH ? n - s : LEVI__EVAL_BATCH;
         levi__gather_batch(m, d, rows + s, B, NULL, 0);
-        levi__forward(m, B);
+        levi__forward(m, B, 0);
         levi__ensemble(m, B);
         levi__workspace *w = &m->ws;
         for (int64_t b = 0; b < B; b++) {

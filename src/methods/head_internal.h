@@ -81,12 +81,13 @@ levi_status levi__check_shapes(const levi_model *m, const levi_task_data *d, lev
  * rows[0..B), and ws.y / ws.yc when labels != 0. */
 void levi__gather_batch(levi_model *m, const levi_task_data *d, const int64_t *rows, int64_t B,
                         levi_rng *mask_rng, int labels);
-/* Forward of the gathered batch: ws.out (and ws.probs for classification). */
-void levi__forward(levi_model *m, int64_t B);
+/* Forward of the gathered batch: ws.out (and ws.probs for classification). bf16: the matrix
+ * products through levi_gemm_bf16 (training with LEVI_PRECISION_BF16; predictions pass 0). */
+void levi__forward(levi_model *m, int64_t B, int bf16);
 /* Weighted loss of ws.out against ws.y/ws.yc; fills ws.dout with its gradient. */
 float levi__loss(levi_model *m, int64_t B);
-/* Backward from ws.dout, accumulating into m->params.grad. */
-void levi__backward(levi_model *m, int64_t B);
+/* Backward from ws.dout, accumulating into m->params.grad; bf16 as in levi__forward. */
+void levi__backward(levi_model *m, int64_t B, int bf16);
 /* Ensemble prediction of the forwarded batch into ws.ens. */
 void levi__ensemble(levi_model *m, int64_t B);
 /* Forward with the fused first-layer GEMM disabled (per-adapter GEMMs), for tests. */

@@ -36,6 +36,16 @@ levi_train_params levi_train_default_params(void) {
     return tp;
 }
 
+const char *levi_precision_name(levi_precision p) {
+    return p == LEVI_PRECISION_BF16 ? "bf16" : "f32";
+}
+
+int levi_precision_parse(const char *name) {
+    if (!strcmp(name, "f32")) return LEVI_PRECISION_F32;
+    if (!strcmp(name, "bf16")) return LEVI_PRECISION_BF16;
+    return -1;
+}
+
 levi_select_params levi_select_default_params(void) {
     levi_select_params sp;
     memset(&sp, 0, sizeof sp);
@@ -62,6 +72,9 @@ static levi_status check_train_params(const levi_train_params *tp, levi_error *e
         tp->optimizer != LEVI_OPT_ADAMW)
         return levi_errorf(err, LEVI_ERR_ARG, "train params: optimizer = %d is unknown",
                            (int)tp->optimizer);
+    if (tp->precision != LEVI_PRECISION_F32 && tp->precision != LEVI_PRECISION_BF16)
+        return levi_errorf(err, LEVI_ERR_ARG, "train params: precision = %d is unknown",
+                           (int)tp->precision);
     return LEVI_OK;
 }
 
@@ -121,9 +134,10 @@ float levi_trainer_step(levi_trainer *t, const int64_t *rows, int64_t n) {
     levi_model *m = t->m;
     levi_params_zero_grad(&m->params);
     levi__gather_batch(m, t->d, rows, n, &t->rng, 1);
-    levi__forward(m, n);
+    int bf16 = t->tp.precision == LEVI_PRECISION_BF16;
+    levi__forward(m, n, bf16);
     float loss = levi__loss(m, n);
-    levi__backward(m, n);
+    levi__backward(m, n, bf16);
     /* The optimizer skips a step whose gradient is not finite; report it as a non-finite
        loss so the epoch loop stops with intact weights. */
     float norm = levi_optim_step(t->opt);
