@@ -2,6 +2,7 @@
  * arenas, the parameter table, RNG, threads, GEMM, files and hashing.
  * Not for: kernels (ops.c), file formats (safetensors.c), anything model-specific. */
 #include "levi/core.h"
+#include "levi/safetensors.h" /* levi_bf16_to_f32 */
 
 #include <cblas.h>
 #include <errno.h>
@@ -802,15 +803,8 @@ static inline uint16_t bf16_bits(float x) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r); /* NaN stays */
 }
 
-static inline float bf16_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float y;
-    memcpy(&y, &u, sizeof y);
-    return y;
-}
-
 float levi_bf16_round(float x) {
-    return bf16_float(bf16_bits(x));
+    return levi_bf16_to_f32(bf16_bits(x));
 }
 
 /* dst[r * cols + c] = bf16(src[r * ld + c]): a stored rows x cols matrix made dense. */
@@ -933,8 +927,8 @@ void levi_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha, 
     if (!done) {
         float *fa = levi_xmalloc(((size_t)ar * ac + (size_t)br * bc + 1) * sizeof(float));
         float *fb = fa + (size_t)ar * ac;
-        for (size_t i = 0; i < (size_t)ar * ac; i++) fa[i] = bf16_float(a[i]);
-        for (size_t i = 0; i < (size_t)br * bc; i++) fb[i] = bf16_float(b[i]);
+        for (size_t i = 0; i < (size_t)ar * ac; i++) fa[i] = levi_bf16_to_f32(a[i]);
+        for (size_t i = 0; i < (size_t)br * bc; i++) fb[i] = levi_bf16_to_f32(b[i]);
         levi_gemm(ta, tb, M, N, K, alpha, fa, ac, fb, bc, beta, C, ldc);
         levi_free(fa);
     }
