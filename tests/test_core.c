@@ -182,8 +182,9 @@ static float bits_float(uint32_t u) {
 }
 
 /* levi_gemm_bf16 = the naive product of the operands rounded to bfloat16 (to nearest, ties to
- * even), every transpose, alpha and beta, strided operands, a shape repeated after others (the
- * kept primitive) giving the same bits. */
+ * even), every transpose, alpha and beta, strided operands, on both back ends (oneDNN's
+ * bfloat16 matmul; the rounded operands through levi_gemm), a shape repeated after others
+ * (the kept primitive) giving the same bits. */
 static void test_gemm_bf16(void **state) {
     (void)state;
     assert_true(levi_bf16_round(1.0f) == 1.0f);
@@ -205,20 +206,28 @@ static void test_gemm_bf16(void **state) {
         A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
         Ar[i] = levi_bf16_round(A[i]), Br[i] = levi_bf16_round(B[i]);
     }
-    for (int s = 0; s < 4; s++)
-        for (int ta = 0; ta < 2; ta++)
-            for (int tb = 0; tb < 2; tb++)
-                for (int beta = 0; beta < 3; beta += 2) {
-                    int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
-                    for (size_t i = 0; i < n; i++) C0[i] = C1[i] = C2[i] = (float)(i % 7);
-                    levi_gemm_bf16(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C1, LD);
-                    levi_gemm_ref(ta, tb, M, N, K, 0.5f, Ar, LD, Br, LD, (float)beta, C2, LD);
-                    levi_gemm_ref(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C0, LD);
-                    /* outside the M x N block C stays as it was */
-                    assert_true(levi_test_max_abs_diff(C1, C2, (int)n) < 1e-4f * (1 + K / 64));
-                    /* and the operands were rounded: the f32 product is further away */
-                    assert_true(levi_test_max_abs_diff(C1, C0, (int)n) > 1e-3f);
-                }
+    levi_error err = {0};
+    const char *backends[] = {"openblas", "onednn"};
+    for (int be = 0; be < 2; be++) {
+        if (levi_set_gemm_backend(backends[be], &err) != LEVI_OK) {
+            printf("# GEMM back end %s skipped: %s\n", backends[be], err.msg);
+            continue;
+        }
+        for (int s = 0; s < 4; s++)
+            for (int ta = 0; ta < 2; ta++)
+                for (int tb = 0; tb < 2; tb++)
+                    for (int beta = 0; beta < 3; beta += 2) {
+                        int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                        for (size_t i = 0; i < n; i++) C0[i] = C1[i] = C2[i] = (float)(i % 7);
+                        levi_gemm_bf16(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C1, LD);
+                        levi_gemm_ref(ta, tb, M, N, K, 0.5f, Ar, LD, Br, LD, (float)beta, C2, LD);
+                        levi_gemm_ref(ta, tb, M, N, K, 0.5f, A, LD, B, LD, (float)beta, C0, LD);
+                        /* outside the M x N block C stays as it was */
+                        assert_true(levi_test_max_abs_diff(C1, C2, (int)n) < 1e-4f * (1 + K / 64));
+                        /* and the operands were rounded: the f32 product is further away */
+                        assert_true(levi_test_max_abs_diff(C1, C0, (int)n) > 1e-3f);
+                    }
+    }
     /* The first shape again, after the others: the same bits as a fresh call sequence. */
     for (int rep = 0; rep < 2; rep++) {
         float *C = rep ? C3 : C1;

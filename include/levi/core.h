@@ -193,7 +193,8 @@ void levi_gemm_ref(int trans_a, int trans_b, int M, int N, int K, float alpha, c
 
 /* levi_gemm with op(A) and op(B) rounded to bfloat16 (to nearest even) and the products summed
  * in f32 (oneDNN's bfloat16 matmul where the build and the CPU have it: about twice the f32
- * speed on CPUs with AVX512_BF16 or AMX; else the rounded operands through levi_gemm).
+ * speed on CPUs with AVX512_BF16 or AMX; else, or with the OpenBLAS back end chosen, the
+ * rounded operands through levi_gemm).
  * For training's products, where mixed precision is asked for; unlike levi_gemm, a row's
  * result may depend on M. Serialised by a lock: one product at a time per process.
  * levi_bf16_round(x) is x rounded as the operands are. */

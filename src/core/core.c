@@ -795,7 +795,8 @@ void levi_wpack_free(levi_wpack *p) {
  * converted on each call (stored as given; transposes are strides of the primitive), and a
  * primitive is created once per shape and kept (a small table, round-robin replacement).
  * Without oneDNN, or where it has no primitive, the rounded operands go through levi_gemm: the
- * same products, summed in another order. */
+ * same products, summed in another order. With the OpenBLAS back end chosen (levi_gemm's
+ * LEVI_GEMM=openblas, levi_set_gemm_backend) the rounded operands go that way too. */
 static inline uint16_t bf16_bits(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
@@ -919,7 +920,8 @@ void levi_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha, 
     bf16_pack(b, B, br, bc, ldb);
     int done = 0;
 #ifdef LEVI_HAVE_ONEDNN
-    if (K > 0) {
+    if (g_gemm == GEMM_UNSET) gemm_pick_default();
+    if (K > 0 && g_gemm == GEMM_ONEDNN) {
         dnnl_primitive_t p = bf16_prim_get(M, N, K, ta, tb, ldc, alpha, beta);
         done = p && bf16_run(p, M, N, K, ta, tb, a, b, C, ldc);
     }
