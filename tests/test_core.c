@@ -153,17 +153,23 @@ static void gemm_check(int M, int N, int K, int LD) {
     free(A), free(B), free(C1), free(C2);
 }
 
+/* The GEMM back ends the tests run on, in turn; levi_set_gemm_backend(gemm_backends[b]) fails
+ * (and the test skips it, saying so) when the build lacks one. */
+static const char *const gemm_backends[] = {"openblas", "onednn"};
+static int use_gemm_backend(int b) {
+    levi_error err = {0};
+    if (levi_set_gemm_backend(gemm_backends[b], &err) == LEVI_OK) return 1;
+    printf("# GEMM back end %s skipped: %s\n", gemm_backends[b], err.msg);
+    return 0;
+}
+
 /* Both back ends, below and above the size where oneDNN takes over, every transpose. */
 static void test_gemm(void **state) {
     (void)state;
     levi_error err = {0};
-    const char *names[] = {"openblas", "onednn"};
     for (int b = 0; b < 2; b++) {
-        if (levi_set_gemm_backend(names[b], &err) != LEVI_OK) {
-            printf("# GEMM back end %s skipped: %s\n", names[b], err.msg);
-            continue;
-        }
-        assert_string_equal(levi_gemm_backend(), names[b]);
+        if (!use_gemm_backend(b)) continue;
+        assert_string_equal(levi_gemm_backend(), gemm_backends[b]);
         gemm_check(37, 29, 41, 50);   /* 44k multiply-adds: OpenBLAS either way */
         gemm_check(70, 65, 130, 140); /* 591k: oneDNN when chosen */
         gemm_check(3, 200, 1000, 1000);
@@ -206,13 +212,8 @@ static void test_gemm_bf16(void **state) {
         A[i] = levi_rng_normal(&r), B[i] = levi_rng_normal(&r);
         Ar[i] = levi_bf16_round(A[i]), Br[i] = levi_bf16_round(B[i]);
     }
-    levi_error err = {0};
-    const char *backends[] = {"openblas", "onednn"};
     for (int be = 0; be < 2; be++) {
-        if (levi_set_gemm_backend(backends[be], &err) != LEVI_OK) {
-            printf("# GEMM back end %s skipped: %s\n", backends[be], err.msg);
-            continue;
-        }
+        if (!use_gemm_backend(be)) continue;
         for (int s = 0; s < 4; s++)
             for (int ta = 0; ta < 2; ta++)
                 for (int tb = 0; tb < 2; tb++)

@@ -346,15 +346,22 @@ static levi_train_params quick_train(int epochs) {
     return tp;
 }
 
+/* The regression set test_learns_synthetic and test_bf16_training learn: 4,000 rows, users x
+ * items, one numeric column, 3 feature layers of 8; rows 0-2999 train, -3499 val, the rest test. */
+static void synth_learnable(synth *s, int64_t **train, int64_t **val, int64_t **test) {
+    int32_t cards[2] = {41, 13};
+    synth_make(s, 4000, 2, cards, 1, 3, 8, 0, 0.05f, 1);
+    *train = range(0, 3000), *val = range(3000, 3500), *test = range(3500, 4000);
+}
+
 /* y = 3 + ubias[user] + 0.4 * (feature - 0.5) + 0.3 * num + N(0, 0.05^2): the label's std is
  * ~0.9, the mean predictor's RMSE the same; a working model gets near the noise. Measured
  * (seed 1): ~0.08-0.10; the bound 0.2 is a fifth of the mean predictor's RMSE. */
 static void test_learns_synthetic(void **state) {
     (void)state;
     synth s;
-    int32_t cards[2] = {41, 13};
-    synth_make(&s, 4000, 2, cards, 1, 3, 8, 0, 0.05f, 1);
-    int64_t *train = range(0, 3000), *val = range(3000, 3500), *test = range(3500, 4000);
+    int64_t *train, *val, *test;
+    synth_learnable(&s, &train, &val, &test);
     levi_head_params hp = tiny_levi();
     /* The signal sits in ONE feature dimension here: dropping it half the time (the default
        regulariser for 384-d transformer features) costs this toy problem its answer (RMSE
@@ -417,9 +424,8 @@ static void test_learns_synthetic(void **state) {
 static void test_bf16_training(void **state) {
     (void)state;
     synth s;
-    int32_t cards[2] = {41, 13};
-    synth_make(&s, 4000, 2, cards, 1, 3, 8, 0, 0.05f, 1);
-    int64_t *train = range(0, 3000), *val = range(3000, 3500), *test = range(3500, 4000);
+    int64_t *train, *val, *test;
+    synth_learnable(&s, &train, &val, &test);
     levi_error err = {0};
     float *w[3];
     double rmse[3];
